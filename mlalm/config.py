@@ -1,0 +1,419 @@
+"""Typed, validated configuration.
+
+A run is described by one :class:`Config`: frozen dataclasses, one per section
+(``model``, ``attention``, ``moe``, ``optim``, ``data``, ``train``, ``mesh``,
+``checkpoint``).  YAML files name only what differs from the defaults; command-line
+overrides are dotted ``section.key=value`` strings parsed as YAML scalars.
+
+Everything that can be checked without building the model is checked here, so that a
+bad config fails in milliseconds with a :class:`ConfigError` that names the key and
+what would be valid -- never after minutes of compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Optional
+
+import yaml
+
+from mlalm.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    d_model: int = 256
+    n_layers: int = 4
+    ffn_dim: int = 768  # dense SwiGLU width (dense layers and MoE-off models)
+    max_seq_len: int = 1024  # positions the model supports
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    kind: Literal["mla", "mha", "gqa", "mqa"] = "mla"
+    n_heads: int = 4
+    # MHA/GQA/MQA
+    n_kv_heads: Optional[int] = None  # gqa: required; mha: = n_heads; mqa: 1
+    head_dim: int = 64
+    # MLA
+    q_lora_rank: int = 0  # 0: no q low-rank projection (W_q h directly)
+    kv_lora_rank: int = 128
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    impl: Literal["xla", "pallas"] = "xla"
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    n_routed_experts: int = 0  # 0: dense SwiGLU feed-forward everywhere
+    n_shared_experts: int = 1
+    top_k: int = 2
+    expert_ffn_dim: int = 128  # width of one routed (and one shared) expert
+    first_k_dense_replace: int = 0  # the first k layers use the dense FFN
+    scoring: Literal["sigmoid", "softmax"] = "sigmoid"  # V3: sigmoid, V2: softmax
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    bias_update_rate: float = 1e-3  # gamma of aux-loss-free balancing; 0 disables
+    seq_aux_loss_coef: float = 0.0  # alpha of the sequence-wise balance loss
+    dispatch: Literal["auto", "dropless", "capacity"] = "auto"
+    capacity_factor: float = 1.25
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    clip_norm: float = 1.0  # 0 disables global-norm clipping
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: Optional[str] = None  # None: the built-in corpus
+    val_path: Optional[str] = None
+    val_fraction: float = 0.1
+    tokenizer: Literal["byte", "bpe"] = "byte"
+    bpe_vocab_size: int = 8192
+    text_key: str = "text"  # JSONL field holding the text
+    cache_dir: Optional[str] = None  # None: ~/.cache/mlalm
+    num_workers: int = 0
+    prefetch: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    grad_accum: int = 1
+    seed: int = 0
+    run_dir: str = "runs"
+    name: Optional[str] = None  # None: derived from the config file name
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20  # 0: the whole validation split
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    expert: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    # -- derived quantities used across the code base --------------------------------
+    @property
+    def n_kv_heads(self) -> int:
+        a = self.attention
+        if a.kind == "mha":
+            return a.n_heads
+        if a.kind == "mqa":
+            return 1
+        if a.kind == "gqa":
+            return a.n_kv_heads
+        return a.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe.n_routed_experts > 0 and layer >= self.moe.first_k_dense_replace
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+def _section_classes() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: hints[name] for name in SECTIONS}
+
+
+def _did_you_mean(key: str, options) -> str:
+    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check (and gently convert) ``value`` against the annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is Literal:
+        if value not in args:
+            valid = ", ".join(repr(a) for a in args)
+            raise ConfigError(f"{key}: {value!r} is not one of {valid}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(raw: dict | None, base: Config | None = None) -> Config:
+    """Build a validated Config from a nested dict, on top of ``base`` (or defaults)."""
+    cfg = base or Config()
+    raw = raw or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    classes = _section_classes()
+    new_sections = {}
+    for section, values in raw.items():
+        if section not in classes:
+            raise ConfigError(
+                f"unknown config section '{section}'{_did_you_mean(section, classes)} "
+                f"(valid: {', '.join(classes)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
+        cls = classes[section]
+        hints = typing.get_type_hints(cls)
+        updates = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(
+                    f"unknown config key '{section}.{key}'"
+                    f"{_did_you_mean(key, hints)}")
+            updates[key] = _coerce(f"{section}.{key}", value, hints[key])
+        new_sections[section] = replace(getattr(cfg, section), **updates)
+    cfg = replace(cfg, **new_sections)
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``['model.n_layers=4', 'data.path=x.txt']`` -> nested dict (values parsed as YAML)."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"override key '{key}' must be section.key, e.g. model.n_layers")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply dotted overrides.
+
+    Raises:
+        ConfigError: unknown section or key, wrong type, inconsistent values, or a
+            missing/unreadable file.
+    """
+    raw: dict = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return from_dict(raw)
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in a.items()}
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def describe_keys() -> str:
+    """Every key with its type and default, for ``train.py --help``."""
+    lines = []
+    default = Config()
+    for section, cls in _section_classes().items():
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            tp = hints[f.name]
+            if typing.get_origin(tp) is Literal:
+                tname = "|".join(str(a) for a in typing.get_args(tp))
+            else:
+                tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+                if typing.get_origin(tp) in (typing.Union, types.UnionType):
+                    inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+                    tname = f"{inner.__name__}|null"
+            lines.append(f"  {section}.{f.name:<24} {tname:<28} "
+                         f"default: {getattr(getattr(default, section), f.name)!r}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+
+def _positive(cfg: Config, keys: list[str]):
+    for key in keys:
+        section, name = key.split(".")
+        v = getattr(getattr(cfg, section), name)
+        if v is not None and v <= 0:
+            raise ConfigError(f"{key} must be positive, got {v}")
+
+
+def validate(cfg: Config) -> None:
+    """Raise ConfigError for values that cannot work together."""
+    m, a, e, o, t = cfg.model, cfg.attention, cfg.moe, cfg.optim, cfg.train
+    _positive(cfg, ["model.vocab_size", "model.d_model", "model.n_layers", "model.ffn_dim",
+                    "model.max_seq_len", "model.norm_eps", "model.rope_theta",
+                    "attention.n_heads", "attention.head_dim", "train.steps",
+                    "train.batch_size", "train.seq_len", "train.grad_accum",
+                    "train.log_every", "train.eval_every", "optim.lr", "moe.expert_ffn_dim",
+                    "moe.n_group", "moe.topk_group", "moe.capacity_factor",
+                    "data.bpe_vocab_size"])
+    if a.kind == "gqa":
+        if a.n_kv_heads is None:
+            raise ConfigError("attention.n_kv_heads must be set for attention.kind=gqa")
+        if a.n_kv_heads <= 0 or a.n_heads % a.n_kv_heads:
+            raise ConfigError(
+                f"attention.n_heads ({a.n_heads}) must be divisible by attention.n_kv_heads "
+                f"({a.n_kv_heads}); valid n_kv_heads: "
+                f"{[d for d in range(1, a.n_heads + 1) if a.n_heads % d == 0]}")
+    elif a.n_kv_heads is not None and a.kind in ("mha", "mqa"):
+        want = a.n_heads if a.kind == "mha" else 1
+        if a.n_kv_heads != want:
+            raise ConfigError(
+                f"attention.n_kv_heads={a.n_kv_heads} contradicts attention.kind={a.kind} "
+                f"(which has {want}); use kind=gqa or drop n_kv_heads")
+    if a.kind in ("mha", "gqa", "mqa") and a.head_dim % 2:
+        raise ConfigError(f"attention.head_dim must be even for rotary embeddings, got {a.head_dim}")
+    if a.kind == "mla":
+        _positive(cfg, ["attention.kv_lora_rank", "attention.qk_rope_head_dim",
+                        "attention.v_head_dim"])
+        if a.qk_nope_head_dim < 0 or a.q_lora_rank < 0:
+            raise ConfigError("attention.qk_nope_head_dim and attention.q_lora_rank must be >= 0")
+        if a.qk_rope_head_dim % 2:
+            raise ConfigError(
+                f"attention.qk_rope_head_dim must be even for rotary embeddings, got {a.qk_rope_head_dim}")
+    if e.n_routed_experts < 0 or e.n_shared_experts < 0:
+        raise ConfigError("moe.n_routed_experts and moe.n_shared_experts must be >= 0")
+    if e.n_routed_experts > 0:
+        if not 1 <= e.top_k <= e.n_routed_experts:
+            raise ConfigError(
+                f"moe.top_k={e.top_k} must be between 1 and moe.n_routed_experts={e.n_routed_experts}")
+        if e.n_routed_experts % e.n_group:
+            raise ConfigError(
+                f"moe.n_routed_experts={e.n_routed_experts} must be divisible by moe.n_group={e.n_group}")
+        if e.topk_group > e.n_group:
+            raise ConfigError(f"moe.topk_group={e.topk_group} must be <= moe.n_group={e.n_group}")
+        per_group = e.n_routed_experts // e.n_group
+        if e.n_group > 1 and per_group < 2:
+            raise ConfigError(
+                f"group-limited routing scores a group by its top-2 experts: moe.n_routed_experts/"
+                f"moe.n_group must be >= 2, got {per_group}")
+        if e.top_k > e.topk_group * per_group:
+            raise ConfigError(
+                f"moe.top_k={e.top_k} exceeds the experts reachable in moe.topk_group="
+                f"{e.topk_group} groups of {per_group}")
+        if e.scoring == "softmax" and e.n_group > 1:
+            raise ConfigError("moe.n_group > 1 (group-limited routing) needs moe.scoring=sigmoid")
+        if not 0 <= e.first_k_dense_replace <= m.n_layers:
+            raise ConfigError(
+                f"moe.first_k_dense_replace={e.first_k_dense_replace} must be in [0, model.n_layers={m.n_layers}]")
+    if e.bias_update_rate < 0 or e.seq_aux_loss_coef < 0:
+        raise ConfigError("moe.bias_update_rate and moe.seq_aux_loss_coef must be >= 0")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"train.seq_len={t.seq_len} is above model.max_seq_len={m.max_seq_len}; "
+            f"lower train.seq_len or raise model.max_seq_len")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    if not 0 <= o.warmup_steps:
+        raise ConfigError("optim.warmup_steps must be >= 0")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {o.min_lr_ratio}")
+    if not 0 < o.decay_fraction <= 1:
+        raise ConfigError(f"optim.decay_fraction must be in (0, 1], got {o.decay_fraction}")
+    if not (0 <= o.b1 < 1 and 0 <= o.b2 < 1):
+        raise ConfigError("optim.b1 and optim.b2 must be in [0, 1)")
+    if o.clip_norm < 0 or o.weight_decay < 0:
+        raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0")
+    if not 0 < cfg.data.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size < 260:
+        raise ConfigError("data.bpe_vocab_size must be at least 260 (256 bytes + specials)")
+    mesh = cfg.mesh
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor, mesh.expert]
+    if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(
+            f"mesh sizes must be positive with at most one -1 ('the rest'), got "
+            f"data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} expert={mesh.expert}")

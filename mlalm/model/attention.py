@@ -1,0 +1,170 @@
+"""Attention: MHA/GQA/MQA (one module, K kv heads) and DeepSeek's MLA.
+
+MLA (DeepSeek-V2/V3), per token h:
+    q        = W_q h                              or W_qb RMSNorm(W_qa h)    (q LoRA)
+    [q_nope; q_pe] per head, RoPE on q_pe
+    [c; k_pe] = W_kva h,  c_kv = RMSNorm(c),  k_pe = RoPE(k_pe)   (ONE rope key, all heads)
+    [k_nope; v] = W_kvb c_kv  per head
+    k = [k_nope; k_pe], q = [q_nope; q_pe]:  qk width d_n + d_r, value width d_v
+    softmax scale (d_n + d_r)^-1/2
+The decode path with weight absorption (cache only c_kv and k_pe) lives in
+``mlalm.generate``; the cache sizes are given by :func:`kv_cache_bytes_per_token_per_layer`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlalm.model.layers import RMSNorm, apply_rope, param
+
+
+def attention_core(q_BTNH, k_BSKH, v_BSKG, *, scale: float, causal: bool = True,
+                   q_offset: int = 0):
+    """softmax(q kᵀ · scale) v with K kv heads shared by N/K query heads each.
+
+    Scores, mask and softmax in float32; the head grouping is a reshape, so GQA/MQA never
+    materialise repeated keys.  ``q_offset`` is the position of the first query relative
+    to the first key (for decoding with a cache).
+
+    Returns:
+        o_BTNG in the dtype of v.
+    """
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    S = k_BSKH.shape[1]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    s = jnp.einsum("BTKgH,BSKH->BKgTS", q, k_BSKH, preferred_element_type=jnp.float32) * scale
+    if causal:
+        mask = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :]
+        s = jnp.where(mask, s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("BKgTS,BSKG->BTKgG", p.astype(v_BSKG.dtype), v_BSKG)
+    return o.reshape(B, T, N, v_BSKG.shape[-1])
+
+
+class MultiHeadAttention(nnx.Module):
+    """MHA (K = N), GQA (1 < K < N) and MQA (K = 1) with RoPE on the whole head."""
+
+    def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 std: float, out_std: float, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        N, K, H, D = n_heads, n_kv_heads, head_dim, d_model
+        pd = param_dtype
+        self.wq_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std=std, dtype=pd)
+        self.wk_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
+        self.wv_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
+        self.wo_NHD = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+        self.scale = H ** -0.5
+        self.dtype = dtype
+
+    def qkv(self, x_BTD, cos, sin):
+        dt = self.dtype
+        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
+        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt))
+        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt))
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def out(self, o_BTNG):
+        return jnp.einsum("BTNG,NGD->BTD", o_BTNG, self.wo_NHD[...].astype(self.dtype))
+
+    def __call__(self, x_BTD, cos, sin):
+        q, k, v = self.qkv(x_BTD, cos, sin)
+        return self.out(attention_core(q, k, v, scale=self.scale))
+
+
+class MLAttention(nnx.Module):
+    """Multi-head Latent Attention with optional q LoRA and decoupled RoPE."""
+
+    def __init__(self, *, d_model: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int,
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float,
+                 std: float, out_std: float, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        D, N, R, P = d_model, n_heads, kv_lora_rank, qk_rope_head_dim
+        dn, dv = qk_nope_head_dim, v_head_dim
+        pd = param_dtype
+        self.n_heads, self.dn, self.dr, self.dv, self.R = N, dn, P, dv, R
+        if q_lora_rank:
+            self.wq_a_DQ = param(rngs, (D, q_lora_rank), ("embed", "q_lora"), std=std, dtype=pd)
+            self.q_norm = RMSNorm(q_lora_rank, eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
+            self.wq_b_QNH = param(rngs, (q_lora_rank, N, dn + P), ("q_lora", "heads", "head_dim"),
+                                  std=std, dtype=pd)
+        else:
+            self.wq_DNH = param(rngs, (D, N, dn + P), ("embed", "heads", "head_dim"), std=std, dtype=pd)
+        self.q_lora = bool(q_lora_rank)
+        # one matrix produces the latent c (R) and the shared rope key (P)
+        self.wkv_a_DR = param(rngs, (D, R + P), ("embed", "kv_lora"), std=std, dtype=pd)
+        self.kv_norm = RMSNorm(R, eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
+        self.wkv_b_RNH = param(rngs, (R, N, dn + dv), ("kv_lora", "heads", "head_dim"), std=std, dtype=pd)
+        self.wo_NHD = param(rngs, (N, dv, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+        self.scale = (dn + P) ** -0.5
+        self.dtype = dtype
+
+    def query(self, x_BTD, cos, sin):
+        """q_nope [B,T,N,dn] and rotated q_pe [B,T,N,dr]."""
+        dt = self.dtype
+        if self.q_lora:
+            cq = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.wq_a_DQ[...].astype(dt)))
+            q = jnp.einsum("BTQ,QNH->BTNH", cq, self.wq_b_QNH[...].astype(dt))
+        else:
+            q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
+        return q[..., :self.dn], apply_rope(q[..., self.dn:], cos, sin)
+
+    def latent(self, x_BTD, cos, sin):
+        """What MLA caches per token: normalised c_kv [B,T,R] and rotated k_pe [B,T,P]."""
+        ckv = jnp.einsum("BTD,DR->BTR", x_BTD, self.wkv_a_DR[...].astype(self.dtype))
+        c_kv = self.kv_norm(ckv[..., :self.R])
+        k_pe = apply_rope(ckv[..., None, self.R:], cos, sin)[:, :, 0]
+        return c_kv, k_pe
+
+    def expand(self, c_kv_BSR, k_pe_BSP):
+        """Per-head keys [B,S,N,dn+dr] and values [B,S,N,dv] from the latent (no absorption)."""
+        kv = jnp.einsum("BSR,RNH->BSNH", c_kv_BSR, self.wkv_b_RNH[...].astype(self.dtype))
+        k_nope, v = kv[..., :self.dn], kv[..., self.dn:]
+        k_pe = jnp.broadcast_to(k_pe_BSP[:, :, None, :], k_nope.shape[:3] + (self.dr,))
+        return jnp.concatenate([k_nope, k_pe], axis=-1), v
+
+    def out(self, o_BTNG):
+        return jnp.einsum("BTNG,NGD->BTD", o_BTNG, self.wo_NHD[...].astype(self.dtype))
+
+    def __call__(self, x_BTD, cos, sin):
+        q_nope, q_pe = self.query(x_BTD, cos, sin)
+        k, v = self.expand(*self.latent(x_BTD, cos, sin))
+        q = jnp.concatenate([q_nope, q_pe], axis=-1)
+        return self.out(attention_core(q, k, v, scale=self.scale))
+
+
+def make_attention(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+    """Build the attention module that ``cfg.attention.kind`` names."""
+    from mlalm.model.layers import DTYPES
+    a, m = cfg.attention, cfg.model
+    common = dict(d_model=m.d_model, std=m.init_std,
+                  out_std=m.init_std / math.sqrt(2 * m.n_layers),
+                  dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], rngs=rngs)
+    if a.kind == "mla":
+        return MLAttention(n_heads=a.n_heads, q_lora_rank=a.q_lora_rank,
+                           kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
+                           qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
+                           norm_eps=m.norm_eps, **common)
+    return MultiHeadAttention(n_heads=a.n_heads, n_kv_heads=cfg.n_kv_heads,
+                              head_dim=a.head_dim, **common)
+
+
+def kv_cache_bytes_per_token_per_layer(cfg, *, dtype_bytes: int | None = None,
+                                       absorbed: bool = True) -> int:
+    """KV-cache bytes one token occupies in one layer.
+
+    MHA 2·n_h·d_h·b, GQA 2·n_kv·d_h·b, MQA 2·d_h·b, MLA latent (d_c + d_r)·b, and MLA
+    without absorption (expanded keys and values, what transformers caches)
+    n_h·(d_n + d_r + d_v)·b.  ``dtype_bytes`` defaults to the compute dtype's size.
+    """
+    b = dtype_bytes or (2 if cfg.model.dtype == "bfloat16" else 4)
+    a = cfg.attention
+    if a.kind == "mla":
+        if absorbed:
+            return (a.kv_lora_rank + a.qk_rope_head_dim) * b
+        return a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * b
+    return 2 * cfg.n_kv_heads * a.head_dim * b

@@ -1,0 +1,96 @@
+"""Leaf layers: parameters with logical axes, RMSNorm, rotary embedding, SwiGLU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class BalanceBias(nnx.Variable):
+    """The MoE routing bias of auxiliary-loss-free balancing.
+
+    A Variable but not an ``nnx.Param``: gradients are taken with respect to Params
+    only, so the bias gets no gradient and the optimizer never sees it.  It is changed
+    solely by :func:`mlalm.model.moe.balance_bias_update` after each step.
+    """
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
+          std: float | None = 0.02, dtype=jnp.float32, init: str = "normal") -> nnx.Param:
+    """A parameter carrying its logical axis names (read by ``mlalm.sharding``).
+
+    Args:
+        shape: parameter shape; ``axes`` names each dimension (None: never sharded).
+        std: standard deviation of the (truncated at 3 sigma) normal initialiser.
+        init: 'normal', 'ones' or 'zeros'.
+    """
+    assert len(shape) == len(axes), (shape, axes)
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = std * jax.random.truncated_normal(rngs.params(), -3.0, 3.0, shape, jnp.float32)
+        value = value.astype(dtype)
+    return nnx.Param(value, axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32.
+
+    Written out (rather than ``nnx.RMSNorm``) to pin the DeepSeek numerics: normalise in
+    float32, cast back to the compute dtype, then multiply by the scale.
+    """
+
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.scale = param(rngs, (dim,), ("norm",), init="ones", dtype=param_dtype)
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
+
+
+def rope_tables(positions_BT, dim: int, theta: float):
+    """cos, sin tables [B, T, dim/2] in float32 for the 'half' (NeoX) rotary layout."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BTNP, cos_BTp, sin_BTp):
+    """Rotate pairs (i, i + P/2) of the last axis by the position's angle.
+
+    x: [B, T, N, P]; cos/sin: [B, T, P/2].  Computed in float32, returned in x's dtype.
+    mlalm keeps the half layout internally; ``mlalm.hf`` permutes weights to and from
+    DeepSeek's interleaved layout, which gives the same attention scores.
+    """
+    x = x_BTNP.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos_BTp[:, :, None, :], sin_BTp[:, :, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.astype(x_BTNP.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(x W_gate) * (x W_up)): the dense FFN and the shared experts."""
+
+    def __init__(self, d_model: int, ffn_dim: int, *, std: float, out_std: float,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        self.w_gate_DF = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=std, dtype=param_dtype)
+        self.w_up_DF = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=std, dtype=param_dtype)
+        self.w_down_FD = param(rngs, (ffn_dim, d_model), ("mlp", "embed"), std=out_std, dtype=param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x_BTD):
+        dt = self.dtype
+        g = jnp.einsum("...D,DF->...F", x_BTD, self.w_gate_DF[...].astype(dt))
+        u = jnp.einsum("...D,DF->...F", x_BTD, self.w_up_DF[...].astype(dt))
+        return jnp.einsum("...F,FD->...D", jax.nn.silu(g) * u, self.w_down_FD[...].astype(dt))

@@ -1,0 +1,120 @@
+"""Pre-norm decoder blocks and the language model."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mlalm.config import Config, ConfigError
+from mlalm.model.attention import make_attention
+from mlalm.model.layers import DTYPES, RMSNorm, SwiGLU, param, rope_tables
+from mlalm.model.moe import MoE, balance_bias_update
+
+
+class Block(nnx.Module):
+    """x + attn(norm(x)), then x + ffn(norm(x)); the FFN is dense SwiGLU or MoE."""
+
+    def __init__(self, cfg: Config, layer: int, *, rngs: nnx.Rngs):
+        m, e = cfg.model, cfg.moe
+        dt, pd = DTYPES[m.dtype], DTYPES[m.param_dtype]
+        out_std = m.init_std / math.sqrt(2 * m.n_layers)
+        self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dt, param_dtype=pd, rngs=rngs)
+        self.attn = make_attention(cfg, rngs=rngs)
+        self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dt, param_dtype=pd, rngs=rngs)
+        self.is_moe = cfg.is_moe_layer(layer)
+        if self.is_moe:
+            self.ffn = MoE(d_model=m.d_model, n_routed_experts=e.n_routed_experts,
+                           n_shared_experts=e.n_shared_experts, expert_ffn_dim=e.expert_ffn_dim,
+                           top_k=e.top_k, scoring=e.scoring, n_group=e.n_group,
+                           topk_group=e.topk_group, norm_topk_prob=e.norm_topk_prob,
+                           routed_scaling_factor=e.routed_scaling_factor, dispatch=e.dispatch,
+                           capacity_factor=e.capacity_factor, std=m.init_std, out_std=out_std,
+                           dtype=dt, param_dtype=pd, rngs=rngs)
+        else:
+            self.ffn = SwiGLU(m.d_model, m.ffn_dim, std=m.init_std, out_std=out_std, dtype=dt,
+                              param_dtype=pd, rngs=rngs)
+
+    def __call__(self, x_BTD, cos, sin):
+        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        h = self.ffn_norm(x_BTD)
+        if self.is_moe:
+            y, aux = self.ffn(h)
+            return x_BTD + y, aux
+        return x_BTD + self.ffn(h), None
+
+
+class Transformer(nnx.Module):
+    """The language model: embedding, blocks, final RMSNorm, float32 logits.
+
+    ``Transformer(cfg, rngs=nnx.Rngs(0))(tokens_BT)`` returns logits [B, T, V] (float32).
+    With ``return_aux=True`` it returns ``(logits, aux)`` where aux holds the MoE layers'
+    per-expert token counts ``expert_load`` [L_moe, E] and the summed sequence-wise
+    ``balance_loss`` (zeros when the model has no MoE layer).
+    """
+
+    def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+        m = cfg.model
+        if m.vocab_size is None:
+            raise ConfigError("model.vocab_size is not set (the trainer takes it from the tokenizer)")
+        self.cfg = cfg
+        dt, pd = DTYPES[m.dtype], DTYPES[m.param_dtype]
+        self.embed_VD = param(rngs, (m.vocab_size, m.d_model), ("vocab", "embed"), std=m.init_std, dtype=pd)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(m.n_layers)])
+        self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dt, param_dtype=pd, rngs=rngs)
+        if not m.tie_embeddings:
+            self.head_DV = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"),
+                                 std=m.init_std, dtype=pd)
+        self.dtype = dt
+        a = cfg.attention
+        self.rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
+
+    def __call__(self, tokens_BT, *, positions_BT=None, return_aux: bool = False):
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        cos, sin = rope_tables(positions_BT, self.rope_dim, self.cfg.model.rope_theta)
+        x = self.embed_VD[...].astype(self.dtype)[tokens_BT]
+        loads, balance = [], jnp.zeros((), jnp.float32)
+        for block in self.blocks:
+            x, aux = block(x, cos, sin)
+            if aux is not None:
+                loads.append(aux["load"])
+                balance = balance + aux["balance_loss"]
+        logits = self.logits(self.final_norm(x))
+        if not return_aux:
+            return logits
+        E = max(self.cfg.moe.n_routed_experts, 1)
+        load = jnp.stack(loads) if loads else jnp.zeros((0, E), jnp.float32)
+        return logits, {"expert_load": load, "balance_loss": balance}
+
+    def logits(self, h_BTD):
+        """LM head in float32 accumulation (tied: the embedding's transpose)."""
+        if self.cfg.model.tie_embeddings:
+            w = self.embed_VD[...].astype(self.dtype)
+            return jnp.einsum("BTD,VD->BTV", h_BTD, w, preferred_element_type=jnp.float32)
+        w = self.head_DV[...].astype(self.dtype)
+        return jnp.einsum("BTD,DV->BTV", h_BTD, w, preferred_element_type=jnp.float32)
+
+    def moe_layers(self) -> list:
+        return [b.ffn for b in self.blocks if b.is_moe]
+
+    def update_balance_biases(self, expert_load_LE, rate: float) -> None:
+        """Apply :func:`balance_bias_update` to every MoE layer (in place)."""
+        for i, moe in enumerate(self.moe_layers()):
+            moe.bias_E.set_value(balance_bias_update(moe.bias_E[...], expert_load_LE[i], rate))
+
+
+def count_params(model: nnx.Module, *, active: bool = False) -> int:
+    """Number of trainable parameters; ``active``: count only top-k of the routed experts."""
+    total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    if not active:
+        return int(total)
+    cfg = model.cfg
+    for moe in model.moe_layers():
+        per_expert = (moe.w_gate_EDF[...].size + moe.w_up_EDF[...].size +
+                      moe.w_down_EFD[...].size) // moe.n_experts
+        total -= per_expert * (moe.n_experts - cfg.moe.top_k)
+    return int(total)
