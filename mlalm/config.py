@@ -1,9 +1,10 @@
 """Typed, validated configuration.
 
 A run is described by one :class:`Config`: frozen dataclasses, one per section
-(``model``, ``attention``, ``moe``, ``optim``, ``data``, ``train``, ``mesh``,
-``checkpoint``).  YAML files name only what differs from the defaults; command-line
-overrides are dotted ``section.key=value`` strings parsed as YAML scalars.
+(``model``, ``attention``, ``moe``, ``optim``, ``data``, ``train``, ``mesh``).  YAML
+files name only what differs from the defaults (or from the file a top-level
+``base: other.yaml`` names); command-line overrides are dotted ``section.key=value``
+strings parsed as YAML scalars.
 
 Everything that can be checked without building the model is checked here, so that a
 bad config fails in milliseconds with a :class:`ConfigError` that names the key and
@@ -114,7 +115,8 @@ class TrainConfig:
     name: Optional[str] = None  # None: derived from the config file name
     log_every: int = 10
     eval_every: int = 100
-    eval_batches: int = 20  # 0: the whole validation split
+    eval_batches: int = 20  # periodic validation: batches (0: the whole split)
+    final_eval_batches: int = 0  # end of run: batches (0: the whole split)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
 
@@ -270,17 +272,30 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         ConfigError: unknown section or key, wrong type, inconsistent values, or a
             missing/unreadable file.
     """
-    raw: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    raw = _read_yaml(path) if path is not None else {}
     raw = _merge(raw, parse_overrides(overrides or []))
     return from_dict(raw)
+
+
+def _read_yaml(path, _seen=()) -> dict:
+    """A config file as a dict; a top-level ``base: other.yaml`` (relative to the file) is
+    read first and this file's keys override it."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    base_path = os.path.join(os.path.dirname(os.path.abspath(path)), str(base))
+    if os.path.abspath(base_path) in _seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to {base}")
+    return _merge(_read_yaml(base_path, _seen + (os.path.abspath(path),)), raw)
 
 
 def _merge(a: dict, b: dict) -> dict:

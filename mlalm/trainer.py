@@ -1,0 +1,289 @@
+"""The train loop: one jit-compiled step, periodic validation, TensorBoard and JSONL logs.
+
+State is a plain pytree ``{'params', 'opt_state', 'rest', 'step'}`` where ``rest`` holds
+the non-trainable model variables (the MoE balancing biases).  The step:
+  1. loss and gradients, accumulated over ``train.grad_accum`` micro-batches (lax.scan);
+  2. the optax update (clipping, AdamW, schedule);
+  3. the balancing-bias update from the step's expert loads;
+  4. if the loss or gradient norm is not finite, the old state is kept (skip), and the
+     host stops the run unless ``train.on_nonfinite: skip``.
+The host reads each step's metrics one step late, so it never waits on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mlalm.config import Config, to_yaml
+from mlalm.data import eval_batches, load_corpus, train_dataset
+from mlalm.errors import ConfigError
+from mlalm.flops import flops_per_token, peak_flops
+from mlalm.model import Transformer
+from mlalm.optim import build_optimizer
+
+
+class NonFiniteError(RuntimeError):
+    """The loss or gradient went non-finite; the message names the step."""
+
+
+def split_model(model):
+    """graphdef, trainable params, the rest (balancing biases)."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def lm_loss(graphdef, params, rest, tokens_BT1, aux_coef: float):
+    """Mean next-token cross-entropy (float32) + aux_coef · sequence-wise balance loss."""
+    model = nnx.merge(graphdef, params, rest)
+    logits, aux = model(tokens_BT1[:, :-1], return_aux=True)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, tokens_BT1[:, 1:]).mean()
+    return nll + aux_coef * aux["balance_loss"], (nll, aux)
+
+
+def make_train_step(graphdef, tx, schedule, cfg: Config):
+    """The jit-compiled ``step(state, batch[B, T+1]) -> (state, metrics)``; state donated."""
+    accum = cfg.train.grad_accum
+    coef, rate = cfg.moe.seq_aux_loss_coef, cfg.moe.bias_update_rate
+    grad_fn = jax.value_and_grad(
+        lambda p, r, b: lm_loss(graphdef, p, r, b, coef), has_aux=True)
+
+    def step(state, batch):
+        params, rest = state["params"], state["rest"]
+        if accum == 1:
+            (loss, (nll, aux)), grads = grad_fn(params, rest, batch)
+            load, balance = aux["expert_load"], aux["balance_loss"]
+        else:
+            micro = batch.reshape((accum, -1) + batch.shape[1:])
+
+            def body(carry, mb):
+                (l, (n, a)), g = grad_fn(params, rest, mb)
+                return jax.tree.map(jnp.add, carry, (l, n, a["expert_load"], a["balance_loss"], g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, params)
+            init = (0.0, 0.0, jnp.zeros(_load_shape(cfg)), 0.0, zeros)
+            (loss, nll, load, balance, grads), _ = jax.lax.scan(body, init, micro)
+            loss, nll, balance = loss / accum, nll / accum, balance / accum
+            grads = jax.tree.map(lambda g: g / accum, grads)
+        grad_norm = optax.tree_utils.tree_l2_norm(grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        model = nnx.merge(graphdef, new_params, rest)
+        if rate > 0 and load.shape[0]:
+            model.update_balance_biases(load, rate)
+        _, new_params, new_rest = split_model(model)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
+                     "rest": keep(new_rest, rest), "step": state["step"] + 1}
+        metrics = {"loss": loss, "nll": nll, "grad_norm": grad_norm, "lr": schedule(state["step"]),
+                   "balance_loss": balance, "expert_load": load, "finite": finite}
+        return new_state, metrics
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def _load_shape(cfg):
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.model.n_layers))
+    return (n_moe, max(cfg.moe.n_routed_experts, 1))
+
+
+def make_eval_step(graphdef):
+    """``eval_step(params, rest, batch[B, T+1], weights[B]) -> (sum of NLL, token count)``."""
+    @jax.jit
+    def eval_step(params, rest, batch, weights):
+        model = nnx.merge(graphdef, params, rest)
+        logits = model(batch[:, :-1])
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
+        return (nll.sum(-1) * weights).sum(), weights.sum() * nll.shape[1]
+    return eval_step
+
+
+def evaluate(eval_step, params, rest, tokens, *, seq_len: int, batch_size: int, max_batches: int = 0):
+    """Mean NLL per token over non-overlapping windows of the split (short batch padded)."""
+    total, count = 0.0, 0.0
+    for batch in eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
+        n = batch.shape[0]
+        weights = np.zeros(batch_size, np.float32)
+        weights[:n] = 1.0
+        if n < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - n, batch.shape[1]), batch.dtype)])
+        s, c = eval_step(params, rest, batch, weights)
+        total, count = total + float(s), count + float(c)
+    return total / count
+
+
+def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
+    m = cfg.model
+    if m.vocab_size is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=vocab_size))
+    if m.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                          f"vocabulary ({vocab_size}); remove it to use the tokenizer's size")
+    return cfg
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard (tensorboardX) + console."""
+
+    def __init__(self, run_dir: str, progress, total: int):
+        from tensorboardX import SummaryWriter
+        self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self.tb = SummaryWriter(run_dir)
+        self.bar = progress
+        self.total = total
+
+    def log(self, step: int, record: dict, scalars: dict, loads=None):
+        self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
+        self.jsonl.flush()
+        for k, v in scalars.items():
+            self.tb.add_scalar(k, v, step)
+        if loads is not None:
+            for i, load in enumerate(loads):
+                frac = load / max(load.sum(), 1)
+                self.tb.add_scalar(f"moe/load_cv/layer{i}", float(frac.std() / max(frac.mean(), 1e-9)), step)
+                self.tb.add_histogram(f"moe/load/layer{i}", frac, step)
+        self.tb.flush()
+
+    def close(self):
+        self.jsonl.close()
+        self.tb.close()
+
+
+def _unique_run_dir(cfg: Config, default_name: str) -> str:
+    name = cfg.train.name or default_name
+    path = os.path.join(cfg.train.run_dir, name)
+    n = 2
+    while os.path.exists(os.path.join(path, "metrics.jsonl")):
+        path = os.path.join(cfg.train.run_dir, f"{name}-{n}")
+        n += 1
+    return path
+
+
+def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
+    """Run training as ``cfg`` says; returns a summary dict (final losses, run dir, speed).
+
+    Raises:
+        ConfigError, DataError: before anything is written to the run directory.
+        NonFiniteError: a non-finite loss/gradient with ``train.on_nonfinite: stop``.
+    """
+    t = cfg.train
+    corpus = load_corpus(cfg.data)  # all input errors surface here, before any write
+    cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
+    eval_bs = t.batch_size
+    train_ds = train_dataset(corpus.train, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
+                             prefetch=cfg.data.prefetch, num_threads=max(1, cfg.data.num_workers))
+    next(iter(eval_batches(corpus.val, seq_len=t.seq_len, batch_size=1, max_batches=1)))  # validates size
+
+    run_dir = _unique_run_dir(cfg, default_name)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(to_yaml(cfg))
+    corpus.tokenizer.save(run_dir)
+
+    model = Transformer(cfg, rngs=nnx.Rngs(t.seed))
+    graphdef, params, rest = split_model(model)
+    tx, schedule = build_optimizer(cfg, t.steps)
+    state = {"params": params, "opt_state": tx.init(params), "rest": rest,
+             "step": jnp.zeros((), jnp.int32)}
+    step_fn = make_train_step(graphdef, tx, schedule, cfg)
+    eval_step = make_eval_step(graphdef)
+    tokens_per_step = t.batch_size * t.seq_len
+    fpt = flops_per_token(cfg, t.seq_len)
+    peak = peak_flops()
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    log(f"run dir {run_dir} | {n_params / 1e6:.2f}M parameters | {cfg.attention.kind} attention | "
+        f"{'MoE ' + str(cfg.moe.n_routed_experts) + ' experts' if cfg.moe.n_routed_experts else 'dense'} | "
+        f"{t.steps} steps x {tokens_per_step} tokens | devices: {jax.devices()[0].platform} x{jax.device_count()}")
+
+    use_bar = t.progress and sys.stderr.isatty()
+    bar = None
+    if use_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=t.steps, unit="step", dynamic_ncols=True)
+    logger = _Logger(run_dir, bar, t.steps)
+    it = iter(train_ds)
+    pending = []
+    window_t, window_steps = time.perf_counter(), 0
+    summary = {"run_dir": run_dir}
+    val_loss = None
+
+    def handle(step, metrics):
+        nonlocal window_t, window_steps, val_loss
+        m = jax.device_get(metrics)
+        if not bool(m["finite"]):
+            msg = f"non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])} at step {step}"
+            if cfg.train.on_nonfinite == "stop":
+                raise NonFiniteError(msg + " (the update was not applied; set train.on_nonfinite=skip to skip such steps)")
+            log(f"warning: {msg}; update skipped")
+        window_steps += 1
+        is_eval = step % t.eval_every == 0 and step != t.steps
+        if not (step % t.log_every == 0 or step == t.steps or step == 1 or is_eval):
+            if bar:
+                bar.update(1)
+            return
+        now = time.perf_counter()
+        tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
+        window_t, window_steps = now, 0
+        record = {"loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
+                  "grad_norm": float(m["grad_norm"])}
+        if cfg.moe.n_routed_experts:
+            record["balance_loss"] = float(m["balance_loss"])
+        scalars = {"train/loss": record["loss"], "train/lr": record["lr"],
+                   "train/grad_norm": record["grad_norm"], "train/tokens_per_s": tps,
+                   "train/mfu": fpt * tps / peak}
+        if cfg.moe.n_routed_experts:
+            scalars["train/balance_loss"] = record["balance_loss"]
+        if is_eval:
+            val_loss = evaluate(eval_step, state["params"], state["rest"], corpus.val,
+                                seq_len=t.seq_len, batch_size=eval_bs, max_batches=t.eval_batches)
+            record["val_loss"] = val_loss
+            scalars["val/loss"], scalars["val/perplexity"] = val_loss, math.exp(min(val_loss, 50))
+            window_t = time.perf_counter()  # do not charge evaluation to training speed
+        logger.log(step, record, scalars, loads=m["expert_load"] if cfg.moe.n_routed_experts else None)
+        text = f"loss {record['loss']:.4f} | {tps:,.0f} tok/s" + (f" | val {val_loss:.4f}" if is_eval else "")
+        if bar:
+            bar.set_postfix_str(text)
+            bar.update(1)
+        else:
+            log(f"step {step}/{t.steps} | {text} | lr {record['lr']:.2e}")
+
+    start = time.perf_counter()
+    try:
+        for step in range(1, t.steps + 1):
+            state, metrics = step_fn(state, next(it))
+            pending.append((step, metrics))
+            if len(pending) > 1:
+                handle(*pending.pop(0))
+        while pending:
+            handle(*pending.pop(0))
+        train_time = time.perf_counter() - start
+        final_val = evaluate(eval_step, state["params"], state["rest"], corpus.val,
+                             seq_len=t.seq_len, batch_size=eval_bs, max_batches=t.final_eval_batches)
+        logger.log(t.steps, {"val_loss": final_val, "final": True},
+                   {"val/loss": final_val, "val/perplexity": math.exp(min(final_val, 50))})
+    finally:
+        if bar:
+            bar.close()
+        logger.close()
+    summary.update(val_loss=final_val, val_perplexity=math.exp(min(final_val, 50)),
+                   val_bits_per_byte=final_val * len(corpus.val) / corpus.val_bytes / math.log(2),
+                   train_seconds=train_time, tokens_per_s=t.steps * tokens_per_step / train_time,
+                   params=int(n_params))
+    log(f"done: validation loss {final_val:.4f} (perplexity {summary['val_perplexity']:.2f}, "
+        f"{summary['val_bits_per_byte']:.3f} bits/byte, "
+        f"{'whole split' if not t.final_eval_batches else str(t.final_eval_batches) + ' batches'}) | {train_time:.0f}s training, "
+        f"{summary['tokens_per_s']:,.0f} tok/s")
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    summary["state"], summary["graphdef"], summary["cfg"] = state, graphdef, cfg
+    return summary
