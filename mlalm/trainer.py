@@ -74,7 +74,7 @@ def make_train_step(graphdef, tx, schedule, cfg: Config):
             (loss, nll, load, balance, grads), _ = jax.lax.scan(body, init, micro)
             loss, nll, balance = loss / accum, nll / accum, balance / accum
             grads = jax.tree.map(lambda g: g / accum, grads)
-        grad_norm = optax.tree_utils.tree_l2_norm(grads)
+        grad_norm = optax.tree_utils.tree_norm(grads)
         updates, opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         model = nnx.merge(graphdef, new_params, rest)

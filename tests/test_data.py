@@ -19,7 +19,7 @@ import pytest
 from mlalm.config import Config, from_dict
 from mlalm.data import (BPETokenizer, ByteTokenizer, Windows, eval_batches, get_tokenizer,
                         load_corpus, train_dataset)
-from mlalm.data.sources import load_splits, read_documents
+from mlalm.data.sources import load_splits, read_documents, split_documents
 from mlalm.errors import ConfigError, DataError
 
 EOS = "<|endoftext|>"
@@ -616,12 +616,9 @@ def test_eval_batches_max_batches(max_batches, shapes):
 
 
 # =======================================================================================
-# Known library bug (kept as a strict xfail so it shows up once fixed)
+# Regressions
 # =======================================================================================
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="sources.split_documents can put every file in validation, then "
-                          "pipeline._encode calls np.concatenate([]) -> bare ValueError")
 def test_directory_split_never_leaves_train_empty(tmp_path):
     names = ["f0.txt", "f1.txt", "f2.txt"]
     assert all(zlib.crc32(n.encode()) % 1000 < 950 for n in names)  # all fall in val
@@ -633,3 +630,14 @@ def test_directory_split_never_leaves_train_empty(tmp_path):
     except DataError:
         return  # a clear DataError is an acceptable fix
     assert len(corpus.train) > 1
+
+
+def test_single_file_split_keeps_utf8_characters_whole():
+    text = ("ab✓" * 100).encode()
+    for f in (0.1, 0.25, 0.5, 0.33):
+        train, val = split_documents([("x", text)], f)
+        train_b, val_b = train[0][1], val[0][1]
+        assert train_b + val_b == text
+        train_b.decode("utf-8")  # raises if a character was cut
+        val_b.decode("utf-8")
+        assert abs(len(train_b) - int(len(text) * (1 - f))) <= 2

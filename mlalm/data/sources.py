@@ -88,18 +88,23 @@ def read_documents(path: str, text_key: str = "text", *, key: str = "data.path")
 def split_documents(docs, val_fraction: float):
     """Deterministic train/validation split.
 
-    One document: its first (1 - f) of the bytes train, the rest validate (the usual
-    Tiny Shakespeare split).  Several: a document validates when crc32(name) falls in the
-    fraction, so the split depends on names, not on order or a random draw.
+    One document: its first (1 - f) of the bytes train (moved back to a UTF-8 character
+    boundary), the rest validate (the usual Tiny Shakespeare split).  Several: a document validates when crc32(name) falls in the
+    fraction, so the split depends on names, not on order or a random draw; each side
+    keeps at least one document.
     """
     if len(docs) == 1:
         name, data = docs[0]
         cut = int(len(data) * (1 - val_fraction))
+        while 0 < cut < len(data) and (data[cut] & 0xC0) == 0x80:
+            cut -= 1  # never split a UTF-8 character
         return [(name, data[:cut])], [(name, data[cut:])]
     threshold = int(val_fraction * 1000)
     val = [d for d in docs if zlib.crc32(os.path.basename(d[0]).encode()) % 1000 < threshold]
     if not val:
         val = [docs[-1]]
+    if len(val) == len(docs):
+        val = val[1:]  # keep at least one document for training
     val_names = {n for n, _ in val}
     return [d for d in docs if d[0] not in val_names], val
 
