@@ -96,6 +96,7 @@ class DataConfig:
     path: Optional[str] = None  # None: the built-in corpus
     val_path: Optional[str] = None
     val_fraction: float = 0.1
+    test_path: Optional[str] = None  # evaluated once at the end of training when set
     tokenizer: Literal["byte", "bpe"] = "byte"
     bpe_vocab_size: int = 8192
     text_key: str = "text"  # JSONL field holding the text

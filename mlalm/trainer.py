@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 
 from mlalm.config import Config, to_yaml
-from mlalm.data import eval_batches, load_corpus, train_dataset
+from mlalm.data import Windows, eval_batches, load_corpus, train_dataset
 from mlalm.errors import ConfigError
 from mlalm.flops import flops_per_token, peak_flops
 from mlalm.model import Transformer
@@ -182,7 +182,9 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
     eval_bs = t.batch_size
     train_ds = train_dataset(corpus.train, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
                              prefetch=cfg.data.prefetch, num_threads=max(1, cfg.data.num_workers))
-    next(iter(eval_batches(corpus.val, seq_len=t.seq_len, batch_size=1, max_batches=1)))  # validates size
+    Windows(corpus.val, t.seq_len, name="validation split")  # too short: DataError, before any write
+    if corpus.test is not None:
+        Windows(corpus.test, t.seq_len, name="test split")
 
     run_dir = _unique_run_dir(cfg, default_name)
     os.makedirs(run_dir, exist_ok=True)
@@ -269,8 +271,12 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
         train_time = time.perf_counter() - start
         final_val = evaluate(eval_step, state["params"], state["rest"], corpus.val,
                              seq_len=t.seq_len, batch_size=eval_bs, max_batches=t.final_eval_batches)
-        logger.log(t.steps, {"val_loss": final_val, "final": True},
-                   {"val/loss": final_val, "val/perplexity": math.exp(min(final_val, 50))})
+        final = {"val_loss": final_val, "final": True}
+        if corpus.test is not None:
+            final["test_loss"] = evaluate(eval_step, state["params"], state["rest"], corpus.test,
+                                          seq_len=t.seq_len, batch_size=eval_bs)
+        logger.log(t.steps, final, {"val/loss": final_val, "val/perplexity": math.exp(min(final_val, 50)),
+                                    **({"test/loss": final["test_loss"]} if "test_loss" in final else {})})
     finally:
         if bar:
             bar.close()
@@ -279,6 +285,10 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
                    val_bits_per_byte=final_val * len(corpus.val) / corpus.val_bytes / math.log(2),
                    train_seconds=train_time, tokens_per_s=t.steps * tokens_per_step / train_time,
                    params=int(n_params))
+    if corpus.test is not None:
+        summary.update(test_loss=final["test_loss"], test_perplexity=math.exp(min(final["test_loss"], 50)),
+                       test_bits_per_byte=final["test_loss"] * len(corpus.test) / corpus.test_bytes / math.log(2))
+        log(f"test loss {final['test_loss']:.4f} (perplexity {summary['test_perplexity']:.2f}, whole split)")
     log(f"done: validation loss {final_val:.4f} (perplexity {summary['val_perplexity']:.2f}, "
         f"{summary['val_bits_per_byte']:.3f} bits/byte, "
         f"{'whole split' if not t.final_eval_batches else str(t.final_eval_batches) + ' batches'}) | {train_time:.0f}s training, "

@@ -79,8 +79,6 @@ _route = jax.jit(route, static_argnames=("top_k", "scoring", "n_group", "topk_gr
                                          "norm_topk_prob", "routed_scaling_factor"))
 _dropless = jax.jit(dispatch_dropless)
 _capacity = jax.jit(dispatch_capacity, static_argnames=("capacity",))
-
-
 _forward = nnx.jit(lambda model, tokens: model(tokens, return_aux=True))
 
 
@@ -380,7 +378,7 @@ def test_mla_matches_per_head_reference(attn):
 
 
 def test_mla_in_model_matches_reference():
-    """The attention module built by the model (blocks[0].attn) with q LoRA."""
+    """The attention module the model builds (blocks[1].attn), with q LoRA."""
     cfg = make_cfg("mla_qlora")
     model = build(cfg, seed=6)
     attn = model.blocks[1].attn

@@ -17,7 +17,7 @@ import tempfile
 import grain
 import numpy as np
 
-from mlalm.data.sources import load_splits
+from mlalm.data.sources import load_splits, read_documents
 from mlalm.data.tokenizers import BPETokenizer, get_tokenizer
 from mlalm.errors import DataError
 
@@ -29,6 +29,8 @@ class Corpus:
     val: np.ndarray
     train_bytes: int
     val_bytes: int
+    test: np.ndarray | None = None
+    test_bytes: int = 0
 
 
 def default_cache_dir() -> str:
@@ -106,11 +108,16 @@ def load_corpus(data_cfg, *, tokenizer_path: str | None = None) -> Corpus:
             os.replace(tmp, cached)
         tokenizer_path = cached
     tokenizer = get_tokenizer(data_cfg.tokenizer, vocab_size=data_cfg.bpe_vocab_size, path=tokenizer_path)
+    test = None
+    if data_cfg.test_path:
+        test_docs = read_documents(data_cfg.test_path, data_cfg.text_key, key="data.test_path")
+        test = (cached_tokens(tokenizer, test_docs, cache_dir), sum(len(d) for _, d in test_docs))
     return Corpus(tokenizer=tokenizer,
                   train=cached_tokens(tokenizer, train_docs, cache_dir),
                   val=cached_tokens(tokenizer, val_docs, cache_dir),
                   train_bytes=sum(len(d) for _, d in train_docs),
-                  val_bytes=sum(len(d) for _, d in val_docs))
+                  val_bytes=sum(len(d) for _, d in val_docs),
+                  test=test[0] if test else None, test_bytes=test[1] if test else 0)
 
 
 class Windows:
