@@ -77,8 +77,8 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: Literal["adamw"] = "adamw"
-    lr: float = 3e-3
+    name: Literal["adamw", "muon"] = "adamw"
+    lr: float = 3e-3  # AdamW's; with muon, Muon's (and Adam's unless adam_lr is set)
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 50
@@ -89,6 +89,16 @@ class OptimConfig:
     weight_decay: float = 0.1
     decay_embeddings: bool = False
     clip_norm: float = 1.0  # 0 disables global-norm clipping
+    # Muon (optim.name=muon): hidden matrices; embeddings, head, norms, router use Adam
+    adam_lr: Optional[float] = None  # the Adam side's peak learning rate (None: optim.lr)
+    muon_momentum: float = 0.95  # Nesterov momentum
+    muon_weight_decay: Optional[float] = None  # None: optim.weight_decay
+    ns_steps: int = 5
+    # quintic Newton-Schulz coefficients (a, b, c): p(x) = a x + b x^3 + c x^5; several
+    # triples ([[a, b, c], ...]) give one per step (the last ns_steps are used)
+    ns_coeffs: tuple = (3.4445, -4.7750, 2.0315)
+    qk_clip_tau: Optional[float] = None  # QK-clip threshold on attention logits (Kimi K2: 100)
+    muon_scale: Literal["rms", "shape"] = "rms"  # rms: 0.2*sqrt(max(fan_in, fan_out)); shape: sqrt(max(1, fan_out/fan_in))
 
 
 @dataclass(frozen=True)
@@ -124,10 +134,16 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    data: int = -1
+    data: int = -1  # -1: all devices not used by the other axes
     fsdp: int = 1
     tensor: int = 1
     expert: int = 1
+    # multi-process (jax.distributed): 'env' initialises when a coordinator is given here
+    # or in JAX_COORDINATOR_ADDRESS; 'auto' lets JAX detect SLURM / TPU pods; 'off' never
+    distributed: Literal["env", "auto", "off"] = "env"
+    coordinator: Optional[str] = None  # host:port of process 0
+    num_processes: Optional[int] = None
+    process_id: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +172,13 @@ class Config:
         return self.moe.n_routed_experts > 0 and layer >= self.moe.first_k_dense_replace
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        def plain(x):  # tuples as lists, so that YAML and JSON can write them
+            if isinstance(x, dict):
+                return {k: plain(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [plain(v) for v in x]
+            return x
+        return plain(dataclasses.asdict(self))
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
@@ -209,6 +231,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(tuple(v) if isinstance(v, list) else v for v in value)
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -423,6 +449,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.b1 and optim.b2 must be in [0, 1)")
     if o.clip_norm < 0 or o.weight_decay < 0:
         raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0")
+    _validate_muon(o)
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size < 260:
@@ -433,3 +460,33 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"mesh sizes must be positive with at most one -1 ('the rest'), got "
             f"data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} expert={mesh.expert}")
+
+
+def _validate_muon(o: OptimConfig) -> None:
+    if o.ns_steps < 1:
+        raise ConfigError(f"optim.ns_steps must be >= 1, got {o.ns_steps}")
+    if not 0 <= o.muon_momentum < 1:
+        raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {o.muon_momentum}")
+    if o.qk_clip_tau is not None and o.qk_clip_tau <= 0:
+        raise ConfigError(f"optim.qk_clip_tau must be positive, got {o.qk_clip_tau}")
+    if o.adam_lr is not None and o.adam_lr <= 0:
+        raise ConfigError(f"optim.adam_lr must be positive, got {o.adam_lr}")
+    coeffs = o.ns_coeffs
+    sets = [coeffs] if coeffs and not isinstance(coeffs[0], (list, tuple)) else list(coeffs)
+    if not sets:
+        raise ConfigError("optim.ns_coeffs is empty; expected [a, b, c] or a list of such triples")
+    import math
+    for triple in sets:
+        if (len(triple) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                        and math.isfinite(x) for x in triple)):
+            raise ConfigError(f"optim.ns_coeffs: {list(triple)} is not three finite numbers [a, b, c]")
+        a, b, c = triple
+        # The iteration must map singular values in (0, 1] to positive values, else it
+        # flips signs instead of orthogonalising.
+        worst = min(a * x + b * x ** 3 + c * x ** 5 for x in (i / 200 for i in range(1, 201)))
+        if a <= 0 or worst <= 0:
+            raise ConfigError(
+                f"optim.ns_coeffs: {list(triple)} does not orthogonalise (p(x) = a x + b x^3 + c x^5 "
+                f"must be positive on (0, 1]; e.g. the default [3.4445, -4.775, 2.0315])")
+    if len(sets) > 1 and len(sets) < o.ns_steps:
+        raise ConfigError(f"optim.ns_coeffs has {len(sets)} triples, fewer than optim.ns_steps={o.ns_steps}")

@@ -1,9 +1,13 @@
-"""Optimizers as optax compositions: parameter labels, schedules, AdamW, clipping."""
+"""Optimizers as optax compositions: parameter labels, schedules, AdamW, Muon, clipping."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import jax
 import optax
+from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
 # Labels by parameter name (the last attribute of its path); anything else is 'hidden'.
 _NAMED_LABELS = {"embed_VD": "embedding", "head_DV": "head", "scale": "norm",
@@ -42,12 +46,71 @@ def make_schedule(o, steps: int) -> optax.Schedule:
         [warmup, stable_end])
 
 
+def muon_dimension_numbers(name: str, ndim: int) -> MuonDimensionNumbers:
+    """How Muon sees a hidden weight as a matrix (or a batch of matrices).
+
+    Names follow the shape key: the input axes come first, except ``wo_NHD`` (heads and
+    head dim in, model width out) and stacked experts ``w_*_E..`` whose leading E is a
+    batch axis (each expert orthogonalised on its own).  MLA's W_qb [Q, N, H] and
+    W_kvb [R, N, H] are orthogonalised as whole Q x (N*H) and R x (N*H) matrices, not
+    per head.
+    """
+    suffix = name.rsplit("_", 1)[-1]
+    if ndim == 2:
+        return MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1,))
+    if suffix.startswith("E"):
+        return MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,))
+    if suffix == "NHD":
+        return MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=(2,))
+    return MuonDimensionNumbers(reduction_axis=(0,), output_axis=tuple(range(1, ndim)))
+
+
+def _muon_dims_tree(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: muon_dimension_numbers(_name(p), x.ndim), params)
+
+
+def scale_muon_update(mode: str) -> optax.GradientTransformation:
+    """Rescale orthogonalised updates by their matrix shape.
+
+    'rms' (Moonlight, 2502.16982): 0.2·sqrt(max(fan_in, fan_out)), so the update RMS
+    matches AdamW's and both share one learning rate.  'shape' (Keller Jordan's
+    original): sqrt(max(1, fan_out / fan_in)).  (optax has the same rule, but does not
+    export it.)
+    """
+    def scale(u, dims):
+        fan_in = math.prod(u.shape[a] for a in dims.reduction_axis)
+        fan_out = math.prod(u.shape[a] for a in dims.output_axis)
+        factor = 0.2 * math.sqrt(max(fan_in, fan_out)) if mode == "rms" else math.sqrt(max(1.0, fan_out / fan_in))
+        return u * factor
+
+    def update(updates, state, params=None):
+        del params
+        dims = _muon_dims_tree(updates)
+        return jax.tree.map(scale, updates, dims,
+                            is_leaf=lambda x: isinstance(x, MuonDimensionNumbers)), state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def optimizer_labels(cfg, params):
+    """Which optax branch updates each leaf: 'muon' or 'adam'."""
+    use_muon = cfg.optim.name == "muon"
+    return jax.tree.map(lambda label: "muon" if use_muon and label == "hidden" else "adam",
+                        param_labels(params))
+
+
 def build_optimizer(cfg, steps: int):
     """(optax transform, schedule) for ``cfg.optim``.
 
-    AdamW decays only the 'hidden' matrices (and the embedding and head when
-    ``optim.decay_embeddings``); norms and the router are never decayed.  Gradients are
-    clipped by global norm first when ``optim.clip_norm > 0``.
+    ``adamw``: AdamW on every parameter.  ``muon``: Muon on the 'hidden' matrices, Adam
+    (own learning rate ``adam_lr``, betas, eps) on embeddings, head, norms and router,
+    joined with ``optax.partition``.  The Muon branch is optax's ``scale_by_muon``
+    (Nesterov momentum, Frobenius pre-normalisation, quintic Newton-Schulz) with explicit
+    dimension numbers, then the update-RMS scaling, decoupled weight decay and the
+    schedule.  Weight decay touches only 'hidden' matrices (and embedding/head with
+    ``optim.decay_embeddings``).  Gradients are clipped by global norm first when
+    ``optim.clip_norm > 0``.  The schedule returned is the main (``optim.lr``) one.
     """
     o = cfg.optim
     schedule = make_schedule(o, steps)
@@ -57,6 +120,21 @@ def build_optimizer(cfg, steps: int):
         return jax.tree.map(lambda label: label in decayed, param_labels(params))
 
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
-    parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                             mask=decay_mask))
+    if o.name == "adamw":
+        parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
+                                 weight_decay=o.weight_decay, mask=decay_mask))
+        return optax.chain(*parts), schedule
+    adam_schedule = make_schedule(replace(o, lr=o.adam_lr), steps) if o.adam_lr else schedule
+    coeffs = o.ns_coeffs
+    muon_wd = o.weight_decay if o.muon_weight_decay is None else o.muon_weight_decay
+    muon = optax.chain(
+        scale_by_muon(ns_coeffs=coeffs, ns_steps=o.ns_steps, beta=o.muon_momentum, nesterov=True,
+                      weight_dimension_numbers=_muon_dims_tree),
+        scale_muon_update(o.muon_scale),
+        optax.add_decayed_weights(muon_wd),
+        optax.scale_by_learning_rate(schedule))
+    adam = optax.adamw(adam_schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                       mask=decay_mask)
+    parts.append(optax.partition({"muon": muon, "adam": adam},
+                                 lambda params: optimizer_labels(cfg, params)))
     return optax.chain(*parts), schedule

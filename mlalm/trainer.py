@@ -4,7 +4,8 @@ State is a plain pytree ``{'params', 'opt_state', 'rest', 'step'}`` where ``rest
 the non-trainable model variables (the MoE balancing biases).  The step:
   1. loss and gradients, accumulated over ``train.grad_accum`` micro-batches (lax.scan);
   2. the optax update (clipping, AdamW, schedule);
-  3. the balancing-bias update from the step's expert loads;
+  3. the balancing-bias update from the step's expert loads, and QK-clip when
+     ``optim.qk_clip_tau`` is set (each layer's largest logit per head is logged always);
   4. if the loss or gradient norm is not finite, the old state is kept (skip), and the
      host stops the run unless ``train.on_nonfinite: skip``.
 The host reads each step's metrics one step late, so it never waits on the device.
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mlalm.config import Config, to_yaml
 from mlalm.data import Windows, eval_batches, load_corpus, train_dataset
@@ -31,6 +33,8 @@ from mlalm.errors import ConfigError
 from mlalm.flops import flops_per_token, peak_flops
 from mlalm.model import Transformer
 from mlalm.optim import build_optimizer
+from mlalm.sharding import (batch_sharding, global_batch, make_mesh, maybe_initialize_distributed,
+                            to_host, tree_shardings)
 
 
 class NonFiniteError(RuntimeError):
@@ -50,8 +54,12 @@ def lm_loss(graphdef, params, rest, tokens_BT1, aux_coef: float):
     return nll + aux_coef * aux["balance_loss"], (nll, aux)
 
 
-def make_train_step(graphdef, tx, schedule, cfg: Config):
-    """The jit-compiled ``step(state, batch[B, T+1]) -> (state, metrics)``; state donated."""
+def make_train_step(graphdef, tx, schedule, cfg: Config, shardings=None):
+    """The jit-compiled ``step(state, batch[B, T+1]) -> (state, metrics)``; state donated.
+
+    ``shardings``: optional (state shardings, batch sharding, replicated sharding) from
+    ``mlalm.sharding``; the step is then compiled with them as in/out shardings.
+    """
     accum = cfg.train.grad_accum
     coef, rate = cfg.moe.seq_aux_loss_coef, cfg.moe.bias_update_rate
     grad_fn = jax.value_and_grad(
@@ -61,17 +69,19 @@ def make_train_step(graphdef, tx, schedule, cfg: Config):
         params, rest = state["params"], state["rest"]
         if accum == 1:
             (loss, (nll, aux)), grads = grad_fn(params, rest, batch)
-            load, balance = aux["expert_load"], aux["balance_loss"]
+            load, balance, max_logit = aux["expert_load"], aux["balance_loss"], aux["attn_max_logit"]
         else:
             micro = batch.reshape((accum, -1) + batch.shape[1:])
 
             def body(carry, mb):
                 (l, (n, a)), g = grad_fn(params, rest, mb)
-                return jax.tree.map(jnp.add, carry, (l, n, a["expert_load"], a["balance_loss"], g)), None
+                summed = jax.tree.map(jnp.add, carry[:5], (l, n, a["expert_load"], a["balance_loss"], g))
+                return summed + (jnp.maximum(carry[5], a["attn_max_logit"]),), None
 
             zeros = jax.tree.map(jnp.zeros_like, params)
-            init = (0.0, 0.0, jnp.zeros(_load_shape(cfg)), 0.0, zeros)
-            (loss, nll, load, balance, grads), _ = jax.lax.scan(body, init, micro)
+            init = (0.0, 0.0, jnp.zeros(_load_shape(cfg)), 0.0, zeros,
+                    jnp.full((cfg.model.n_layers, cfg.attention.n_heads), -jnp.inf))
+            (loss, nll, load, balance, grads, max_logit), _ = jax.lax.scan(body, init, micro)
             loss, nll, balance = loss / accum, nll / accum, balance / accum
             grads = jax.tree.map(lambda g: g / accum, grads)
         grad_norm = optax.tree_utils.tree_norm(grads)
@@ -80,16 +90,23 @@ def make_train_step(graphdef, tx, schedule, cfg: Config):
         model = nnx.merge(graphdef, new_params, rest)
         if rate > 0 and load.shape[0]:
             model.update_balance_biases(load, rate)
+        if cfg.optim.qk_clip_tau is not None:
+            model.apply_qk_clip(max_logit, cfg.optim.qk_clip_tau)
         _, new_params, new_rest = split_model(model)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         new_state = {"params": keep(new_params, params), "opt_state": keep(opt_state, state["opt_state"]),
                      "rest": keep(new_rest, rest), "step": state["step"] + 1}
         metrics = {"loss": loss, "nll": nll, "grad_norm": grad_norm, "lr": schedule(state["step"]),
-                   "balance_loss": balance, "expert_load": load, "finite": finite}
+                   "balance_loss": balance, "expert_load": load, "finite": finite,
+                   "attn_max_logit": jnp.max(max_logit, axis=1)}
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=(0,))
+    if shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    state_sh, batch_sh, repl = shardings
+    return jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl),
+                   donate_argnums=(0,))
 
 
 def _load_shape(cfg):
@@ -97,18 +114,22 @@ def _load_shape(cfg):
     return (n_moe, max(cfg.moe.n_routed_experts, 1))
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, placement=None):
     """``eval_step(params, rest, batch[B, T+1], weights[B]) -> (sum of NLL, token count)``."""
-    @jax.jit
     def eval_step(params, rest, batch, weights):
         model = nnx.merge(graphdef, params, rest)
         logits = model(batch[:, :-1])
         nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:])
         return (nll.sum(-1) * weights).sum(), weights.sum() * nll.shape[1]
-    return eval_step
+    if placement is None:
+        return jax.jit(eval_step)
+    sh = placement.state_sh
+    return jax.jit(eval_step, in_shardings=(sh["params"], sh["rest"], placement.batch_sh,
+                                            placement.weights_sh), out_shardings=placement.repl)
 
 
-def evaluate(eval_step, params, rest, tokens, *, seq_len: int, batch_size: int, max_batches: int = 0):
+def evaluate(eval_step, params, rest, tokens, *, seq_len: int, batch_size: int, max_batches: int = 0,
+             placement=None):
     """Mean NLL per token over non-overlapping windows of the split (short batch padded)."""
     total, count = 0.0, 0.0
     for batch in eval_batches(tokens, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
@@ -117,9 +138,37 @@ def evaluate(eval_step, params, rest, tokens, *, seq_len: int, batch_size: int, 
         weights[:n] = 1.0
         if n < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - n, batch.shape[1]), batch.dtype)])
+        if placement is not None:
+            batch, weights = placement.global_rows(batch), placement.global_rows(weights, placement.weights_sh)
         s, c = eval_step(params, rest, batch, weights)
-        total, count = total + float(s), count + float(c)
+        total, count = total + float(to_host(s)), count + float(to_host(c))
     return total / count
+
+
+class Placement:
+    """Where the state and batches live: the mesh, and NamedShardings from its rules."""
+
+    def __init__(self, cfg: Config, state, devices=None):
+        self.mesh = make_mesh(cfg.mesh, devices)
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if cfg.train.batch_size % (dp * cfg.train.grad_accum):
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} must be divisible by mesh data x fsdp "
+                f"({dp}) x train.grad_accum ({cfg.train.grad_accum})")
+        self.state_sh = tree_shardings(state, self.mesh)
+        self.batch_sh = batch_sharding(self.mesh)
+        self.weights_sh = NamedSharding(self.mesh, P(self.batch_sh.spec[0]))
+        self.repl = NamedSharding(self.mesh, P())
+
+    def put_state(self, state):
+        return jax.device_put(state, self.state_sh)
+
+    def global_rows(self, rows: np.ndarray, sharding=None):
+        """A global array from a host array holding every row (each process keeps its slice)."""
+        sharding = sharding or self.batch_sh
+        n, p = jax.process_count(), jax.process_index()
+        per = rows.shape[0] // n
+        return global_batch(rows[p * per:(p + 1) * per], sharding, rows.shape[0])
 
 
 def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
@@ -159,6 +208,14 @@ class _Logger:
         self.tb.close()
 
 
+class _NullLogger:
+    def log(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
 def _unique_run_dir(cfg: Config, default_name: str) -> str:
     name = cfg.train.name or default_name
     path = os.path.join(cfg.train.run_dir, name)
@@ -177,42 +234,53 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
         NonFiniteError: a non-finite loss/gradient with ``train.on_nonfinite: stop``.
     """
     t = cfg.train
+    maybe_initialize_distributed(cfg.mesh)  # before anything touches a device
     corpus = load_corpus(cfg.data)  # all input errors surface here, before any write
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
     eval_bs = t.batch_size
+    n_proc, proc = jax.process_count(), jax.process_index()
     train_ds = train_dataset(corpus.train, seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
+                             shard_index=proc, shard_count=n_proc,
                              prefetch=cfg.data.prefetch, num_threads=max(1, cfg.data.num_workers))
     Windows(corpus.val, t.seq_len, name="validation split")  # too short: DataError, before any write
     if corpus.test is not None:
         Windows(corpus.test, t.seq_len, name="test split")
-
-    run_dir = _unique_run_dir(cfg, default_name)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(to_yaml(cfg))
-    corpus.tokenizer.save(run_dir)
 
     model = Transformer(cfg, rngs=nnx.Rngs(t.seed))
     graphdef, params, rest = split_model(model)
     tx, schedule = build_optimizer(cfg, t.steps)
     state = {"params": params, "opt_state": tx.init(params), "rest": rest,
              "step": jnp.zeros((), jnp.int32)}
-    step_fn = make_train_step(graphdef, tx, schedule, cfg)
-    eval_step = make_eval_step(graphdef)
+    placement = Placement(cfg, state)  # a mesh that does not fit: ConfigError, before any write
+    state = placement.put_state(state)
+    step_fn = make_train_step(graphdef, tx, schedule, cfg,
+                              shardings=(placement.state_sh, placement.batch_sh, placement.repl))
+    eval_step = make_eval_step(graphdef, placement)
+
+    run_dir = _unique_run_dir(cfg, default_name)
+    is_main = proc == 0  # only process 0 writes
+    if not is_main:
+        log = lambda *_: None  # noqa: E731
+    if is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+        corpus.tokenizer.save(run_dir)
     tokens_per_step = t.batch_size * t.seq_len
     fpt = flops_per_token(cfg, t.seq_len)
     peak = peak_flops()
     n_params = sum(x.size for x in jax.tree.leaves(params))
     log(f"run dir {run_dir} | {n_params / 1e6:.2f}M parameters | {cfg.attention.kind} attention | "
         f"{'MoE ' + str(cfg.moe.n_routed_experts) + ' experts' if cfg.moe.n_routed_experts else 'dense'} | "
-        f"{t.steps} steps x {tokens_per_step} tokens | devices: {jax.devices()[0].platform} x{jax.device_count()}")
+        f"{t.steps} steps x {tokens_per_step} tokens | devices: {jax.devices()[0].platform} x{jax.device_count()}"
+        f" (mesh {dict(placement.mesh.shape)}{f', {n_proc} processes' if n_proc > 1 else ''})")
 
-    use_bar = t.progress and sys.stderr.isatty()
+    use_bar = t.progress and sys.stderr.isatty() and is_main
     bar = None
     if use_bar:
         from tqdm import tqdm
         bar = tqdm(total=t.steps, unit="step", dynamic_ncols=True)
-    logger = _Logger(run_dir, bar, t.steps)
+    logger = _Logger(run_dir, bar, t.steps) if is_main else _NullLogger()
     it = iter(train_ds)
     pending = []
     window_t, window_steps = time.perf_counter(), 0
@@ -221,7 +289,7 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
 
     def handle(step, metrics):
         nonlocal window_t, window_steps, val_loss
-        m = jax.device_get(metrics)
+        m = jax.tree.map(to_host, metrics)
         if not bool(m["finite"]):
             msg = f"non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])} at step {step}"
             if cfg.train.on_nonfinite == "stop":
@@ -237,7 +305,7 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
         tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
         window_t, window_steps = now, 0
         record = {"loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
-                  "grad_norm": float(m["grad_norm"])}
+                  "grad_norm": float(m["grad_norm"]), "elapsed_s": now - start}
         if cfg.moe.n_routed_experts:
             record["balance_loss"] = float(m["balance_loss"])
         scalars = {"train/loss": record["loss"], "train/lr": record["lr"],
@@ -245,8 +313,11 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
                    "train/mfu": fpt * tps / peak}
         if cfg.moe.n_routed_experts:
             scalars["train/balance_loss"] = record["balance_loss"]
+        record["attn_max_logit"] = [round(float(x), 3) for x in m["attn_max_logit"]]
+        for i, x in enumerate(record["attn_max_logit"]):
+            scalars[f"attn/max_logit/layer{i}"] = x
         if is_eval:
-            val_loss = evaluate(eval_step, state["params"], state["rest"], corpus.val,
+            val_loss = evaluate(eval_step, state["params"], state["rest"], corpus.val, placement=placement,
                                 seq_len=t.seq_len, batch_size=eval_bs, max_batches=t.eval_batches)
             record["val_loss"] = val_loss
             scalars["val/loss"], scalars["val/perplexity"] = val_loss, math.exp(min(val_loss, 50))
@@ -262,19 +333,20 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
     start = time.perf_counter()
     try:
         for step in range(1, t.steps + 1):
-            state, metrics = step_fn(state, next(it))
+            batch = global_batch(next(it), placement.batch_sh, t.batch_size)
+            state, metrics = step_fn(state, batch)
             pending.append((step, metrics))
             if len(pending) > 1:
                 handle(*pending.pop(0))
         while pending:
             handle(*pending.pop(0))
         train_time = time.perf_counter() - start
-        final_val = evaluate(eval_step, state["params"], state["rest"], corpus.val,
+        final_val = evaluate(eval_step, state["params"], state["rest"], corpus.val, placement=placement,
                              seq_len=t.seq_len, batch_size=eval_bs, max_batches=t.final_eval_batches)
         final = {"val_loss": final_val, "final": True}
         if corpus.test is not None:
             final["test_loss"] = evaluate(eval_step, state["params"], state["rest"], corpus.test,
-                                          seq_len=t.seq_len, batch_size=eval_bs)
+                                          placement=placement, seq_len=t.seq_len, batch_size=eval_bs)
         logger.log(t.steps, final, {"val/loss": final_val, "val/perplexity": math.exp(min(final_val, 50)),
                                     **({"test/loss": final["test_loss"]} if "test_loss" in final else {})})
     finally:
@@ -293,7 +365,8 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
         f"{summary['val_bits_per_byte']:.3f} bits/byte, "
         f"{'whole split' if not t.final_eval_batches else str(t.final_eval_batches) + ' batches'}) | {train_time:.0f}s training, "
         f"{summary['tokens_per_s']:,.0f} tok/s")
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    if is_main:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     summary["state"], summary["graphdef"], summary["cfg"] = state, graphdef, cfg
     return summary

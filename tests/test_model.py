@@ -74,7 +74,7 @@ def build_attention(cfg, seed=0):
     return fill(nnx.eval_shape(lambda: make_attention(cfg, rngs=nnx.Rngs(seed))), seed)
 
 
-_call_attn = nnx.jit(lambda module, x, cos, sin: module(x, cos, sin))
+_call_attn = nnx.jit(lambda module, x, cos, sin: module(x, cos, sin)[0])
 _route = jax.jit(route, static_argnames=("top_k", "scoring", "n_group", "topk_group",
                                          "norm_topk_prob", "routed_scaling_factor"))
 _dropless = jax.jit(dispatch_dropless)

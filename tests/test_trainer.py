@@ -192,6 +192,7 @@ def test_train_end_to_end(tmp_path, corpus_file):
     for r in rows:
         if "loss" in r:
             assert {"step", "loss", "lr", "tokens_per_s"} <= set(r)
+            assert len(r["attn_max_logit"]) == cfg.model.n_layers
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     assert len(val) == 2 and val[-1] == pytest.approx(summary["val_loss"])
     # the byte model starts near ln(257) and must learn this 10-word language

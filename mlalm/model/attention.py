@@ -31,7 +31,8 @@ def attention_core(q_BTNH, k_BSKH, v_BSKG, *, scale: float, causal: bool = True,
     to the first key (for decoding with a cache).
 
     Returns:
-        o_BTNG in the dtype of v.
+        o_BTNG in the dtype of v, and each query head's largest scaled logit [N]
+        (over batch and positions, unmasked entries only; what QK-clip watches).
     """
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
@@ -41,9 +42,10 @@ def attention_core(q_BTNH, k_BSKH, v_BSKG, *, scale: float, causal: bool = True,
     if causal:
         mask = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :]
         s = jnp.where(mask, s, -jnp.inf)
+    max_logit_N = jax.lax.stop_gradient(jnp.max(s, axis=(0, 3, 4))).reshape(N)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("BKgTS,BSKG->BTKgG", p.astype(v_BSKG.dtype), v_BSKG)
-    return o.reshape(B, T, N, v_BSKG.shape[-1])
+    return o.reshape(B, T, N, v_BSKG.shape[-1]), max_logit_N
 
 
 class MultiHeadAttention(nnx.Module):
@@ -72,8 +74,19 @@ class MultiHeadAttention(nnx.Module):
         return jnp.einsum("BTNG,NGD->BTD", o_BTNG, self.wo_NHD[...].astype(self.dtype))
 
     def __call__(self, x_BTD, cos, sin):
+        """Returns (y_BTD, max_logit_N)."""
         q, k, v = self.qkv(x_BTD, cos, sin)
-        return self.out(attention_core(q, k, v, scale=self.scale))
+        o, max_logit = attention_core(q, k, v, scale=self.scale)
+        return self.out(o), max_logit
+
+    def clip_qk(self, gamma_N):
+        """QK-clip: scale head n's query by sqrt(gamma_n) and each kv head's key by the
+        sqrt of the smallest gamma of the query heads sharing it (so no head's logits grow)."""
+        N, K = self.wq_DNH.shape[1], self.wk_DKH.shape[1]
+        g = jnp.sqrt(gamma_N)
+        self.wq_DNH.set_value(self.wq_DNH[...] * g[None, :, None].astype(self.wq_DNH.dtype))
+        gk = jnp.min(g.reshape(K, N // K), axis=1)
+        self.wk_DKH.set_value(self.wk_DKH[...] * gk[None, :, None].astype(self.wk_DKH.dtype))
 
 
 class MLAttention(nnx.Module):
@@ -131,10 +144,24 @@ class MLAttention(nnx.Module):
         return jnp.einsum("BTNG,NGD->BTD", o_BTNG, self.wo_NHD[...].astype(self.dtype))
 
     def __call__(self, x_BTD, cos, sin):
+        """Returns (y_BTD, max_logit_N)."""
         q_nope, q_pe = self.query(x_BTD, cos, sin)
         k, v = self.expand(*self.latent(x_BTD, cos, sin))
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
-        return self.out(attention_core(q, k, v, scale=self.scale))
+        o, max_logit = attention_core(q, k, v, scale=self.scale)
+        return self.out(o), max_logit
+
+    def clip_qk(self, gamma_N):
+        """QK-clip for MLA (Kimi K2): per head, q_nope and k_nope by sqrt(gamma), q_pe by
+        gamma; the rope key is shared by all heads and stays untouched."""
+        g, dn = jnp.sqrt(gamma_N), self.dn
+        wq = self.wq_b_QNH if self.q_lora else self.wq_DNH
+        q_scale = jnp.concatenate([jnp.broadcast_to(g[:, None], (self.n_heads, dn)),
+                                   jnp.broadcast_to(gamma_N[:, None], (self.n_heads, self.dr))], axis=1)
+        wq.set_value(wq[...] * q_scale[None].astype(wq.dtype))
+        kv_scale = jnp.concatenate([jnp.broadcast_to(g[:, None], (self.n_heads, dn)),
+                                    jnp.ones((self.n_heads, self.dv))], axis=1)
+        self.wkv_b_RNH.set_value(self.wkv_b_RNH[...] * kv_scale[None].astype(self.wkv_b_RNH.dtype))
 
 
 def make_attention(cfg, *, rngs: nnx.Rngs) -> nnx.Module:

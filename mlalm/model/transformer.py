@@ -38,12 +38,14 @@ class Block(nnx.Module):
                               param_dtype=pd, rngs=rngs)
 
     def __call__(self, x_BTD, cos, sin):
-        x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), cos, sin)
+        """Returns (x_BTD, max attention logit per head [N], MoE aux or None)."""
+        y, max_logit = self.attn(self.attn_norm(x_BTD), cos, sin)
+        x_BTD = x_BTD + y
         h = self.ffn_norm(x_BTD)
         if self.is_moe:
             y, aux = self.ffn(h)
-            return x_BTD + y, aux
-        return x_BTD + self.ffn(h), None
+            return x_BTD + y, max_logit, aux
+        return x_BTD + self.ffn(h), max_logit, None
 
 
 class Transformer(nnx.Module):
@@ -52,7 +54,8 @@ class Transformer(nnx.Module):
     ``Transformer(cfg, rngs=nnx.Rngs(0))(tokens_BT)`` returns logits [B, T, V] (float32).
     With ``return_aux=True`` it returns ``(logits, aux)`` where aux holds the MoE layers'
     per-expert token counts ``expert_load`` [L_moe, E] and the summed sequence-wise
-    ``balance_loss`` (zeros when the model has no MoE layer).
+    ``balance_loss`` (zeros when the model has no MoE layer), and each layer's largest
+    attention logit per head ``attn_max_logit`` [L, N].
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -77,9 +80,10 @@ class Transformer(nnx.Module):
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_tables(positions_BT, self.rope_dim, self.cfg.model.rope_theta)
         x = self.embed_VD[...].astype(self.dtype)[tokens_BT]
-        loads, balance = [], jnp.zeros((), jnp.float32)
+        loads, balance, max_logits = [], jnp.zeros((), jnp.float32), []
         for block in self.blocks:
-            x, aux = block(x, cos, sin)
+            x, max_logit, aux = block(x, cos, sin)
+            max_logits.append(max_logit)
             if aux is not None:
                 loads.append(aux["load"])
                 balance = balance + aux["balance_loss"]
@@ -88,7 +92,8 @@ class Transformer(nnx.Module):
             return logits
         E = max(self.cfg.moe.n_routed_experts, 1)
         load = jnp.stack(loads) if loads else jnp.zeros((0, E), jnp.float32)
-        return logits, {"expert_load": load, "balance_loss": balance}
+        return logits, {"expert_load": load, "balance_loss": balance,
+                        "attn_max_logit": jnp.stack(max_logits)}
 
     def logits(self, h_BTD):
         """LM head in float32 accumulation (tied: the embedding's transpose)."""
@@ -97,6 +102,13 @@ class Transformer(nnx.Module):
             return jnp.einsum("BTD,VD->BTV", h_BTD, w, preferred_element_type=jnp.float32)
         w = self.head_DV[...].astype(self.dtype)
         return jnp.einsum("BTD,DV->BTV", h_BTD, w, preferred_element_type=jnp.float32)
+
+    def apply_qk_clip(self, max_logit_LN, tau: float) -> None:
+        """QK-clip (MuonClip, Kimi K2): where a head's largest logit exceeds tau, shrink its
+        query/key weights by gamma = tau / max_logit so that its logits come back to tau."""
+        gamma = jnp.minimum(1.0, tau / jnp.maximum(max_logit_LN, 1e-6))
+        for i, block in enumerate(self.blocks):
+            block.attn.clip_qk(gamma[i])
 
     def moe_layers(self) -> list:
         return [b.ffn for b in self.blocks if b.is_moe]
@@ -114,7 +126,7 @@ def count_params(model: nnx.Module, *, active: bool = False) -> int:
         return int(total)
     cfg = model.cfg
     for moe in model.moe_layers():
-        per_expert = (moe.w_gate_EDF[...].size + moe.w_up_EDF[...].size +
-                      moe.w_down_EFD[...].size) // moe.n_experts
+        per_expert = sum(math.prod(w.get_value().shape) for w in
+                         (moe.w_gate_EDF, moe.w_up_EDF, moe.w_down_EFD)) // moe.n_experts
         total -= per_expert * (moe.n_experts - cfg.moe.top_k)
     return int(total)
