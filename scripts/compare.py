@@ -36,6 +36,8 @@ sys.path.insert(0, ROOT)
 
 
 def parse_grid(items):
+    """{'section.key': [value, ...]}; a value may carry extra overrides after '+', e.g.
+    ``attention.kind=mha,gqa+attention.n_kv_heads=2`` (gqa also sets n_kv_heads=2)."""
     grid = {}
     for item in items:
         key, _, values = item.partition("=")
@@ -45,14 +47,23 @@ def parse_grid(items):
     return grid
 
 
+def _split_value(value: str):
+    head, *extras = value.split("+")
+    return head, extras
+
+
 def run_one(args, cell: dict, seed: int, lr: str | None, out: str) -> dict:
     """Train one configuration in a subprocess; returns its row (status and figures)."""
-    parts = [f"{k.split('.')[-1]}={v}" for k, v in cell.items()] + [f"seed={seed}"]
+    parts = [f"{k.split('.')[-1]}={_split_value(v)[0]}" for k, v in cell.items()] + [f"seed={seed}"]
     if lr is not None:
         parts.append(f"lr={lr}")
     name = "_".join(parts).replace("/", "-")
     run_dir = os.path.join(out, "runs")
-    overrides = [f"{k}={v}" for k, v in cell.items()] + list(args.overrides) + [
+    overrides = list(args.overrides)
+    for k, v in cell.items():
+        head, extras = _split_value(v)
+        overrides += [f"{k}={head}"] + extras
+    overrides += [
         f"train.seed={seed}", f"train.run_dir={run_dir}", f"train.name={name}", "train.progress=false"]
     if lr is not None:
         overrides.append(f"optim.lr={lr}")
@@ -61,7 +72,7 @@ def run_one(args, cell: dict, seed: int, lr: str | None, out: str) -> dict:
         cmd += ["--config", args.config]
     cmd += overrides
     path = os.path.join(run_dir, name)
-    row = {**cell, "seed": seed, "lr": lr, "run": name}
+    row = {**{k: _split_value(v)[0] for k, v in cell.items()}, "seed": seed, "lr": lr, "run": name}
     if os.path.isfile(os.path.join(path, "summary.json")) and not args.rerun:
         print(f"[compare] {name}: done before, reusing", flush=True)
     else:

@@ -376,10 +376,11 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale=Non
     s_pad = _round_up(S, max(bk, bk_dq, bk_dkv))
     if backend == "tpu" and not interpret:
         hp, gp, params = H, G, None  # Mosaic takes a block equal to the full head dim
-    else:  # Triton needs power-of-two tiles; Triton is not JAX's default GPU lowering
+    else:  # Triton needs power-of-two tiles (interpret mode pads alike, so tests cover it)
         hp, gp = (max(_MIN_BLOCK, pl.next_power_of_2(d)) for d in (H, G))
         params = None
         if backend == "gpu" and not interpret:
+            # JAX 0.10 lowers pallas_call to Mosaic GPU unless handed Triton's params
             from jax.experimental.pallas import triton as pltriton
             params = pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
     dtype = q_BTNH.dtype

@@ -152,7 +152,7 @@ def mla_decode(q_abs_BNR, q_pe_BNP, c_kv_BSR, k_pe_BSP, lengths_B, *, sm_scale,
     else:  # Triton: power-of-two tiles, tl.dot dims >= 16
         n_p, r_p, p_p = (max(_MIN_BLOCK, pl.next_power_of_2(d)) for d in (N, R, P))
         params = None
-        if backend == "gpu" and not interpret:
+        if backend == "gpu" and not interpret:  # select Triton, not Mosaic GPU
             from jax.experimental.pallas import triton as pltriton
             params = pltriton.CompilerParams()
     dtype = q_abs_BNR.dtype

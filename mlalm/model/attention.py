@@ -48,12 +48,21 @@ def attention_core(q_BTNH, k_BSKH, v_BSKG, *, scale: float, causal: bool = True,
     return o.reshape(B, T, N, v_BSKG.shape[-1]), max_logit_N
 
 
+def core_attention(impl: str, q, k, v, *, scale: float):
+    """``attention_core`` (XLA) or the Pallas flash kernel, by ``attention.impl``."""
+    if impl == "pallas":
+        from mlalm.kernels import flash_attention
+        return flash_attention(q, k, v.astype(q.dtype), causal=True, sm_scale=scale,
+                               return_max_logit=True)
+    return attention_core(q, k, v, scale=scale)
+
+
 class MultiHeadAttention(nnx.Module):
     """MHA (K = N), GQA (1 < K < N) and MQA (K = 1) with RoPE on the whole head."""
 
     def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  std: float, out_std: float, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 impl: str = "xla", rngs: nnx.Rngs):
         N, K, H, D = n_heads, n_kv_heads, head_dim, d_model
         pd = param_dtype
         self.wq_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std=std, dtype=pd)
@@ -62,6 +71,7 @@ class MultiHeadAttention(nnx.Module):
         self.wo_NHD = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
         self.scale = H ** -0.5
         self.dtype = dtype
+        self.impl = impl
 
     def qkv(self, x_BTD, cos, sin):
         dt = self.dtype
@@ -76,7 +86,7 @@ class MultiHeadAttention(nnx.Module):
     def __call__(self, x_BTD, cos, sin):
         """Returns (y_BTD, max_logit_N)."""
         q, k, v = self.qkv(x_BTD, cos, sin)
-        o, max_logit = attention_core(q, k, v, scale=self.scale)
+        o, max_logit = core_attention(self.impl, q, k, v, scale=self.scale)
         return self.out(o), max_logit
 
     def clip_qk(self, gamma_N):
@@ -95,7 +105,7 @@ class MLAttention(nnx.Module):
     def __init__(self, *, d_model: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int,
                  qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float,
                  std: float, out_std: float, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 impl: str = "xla", rngs: nnx.Rngs):
         D, N, R, P = d_model, n_heads, kv_lora_rank, qk_rope_head_dim
         dn, dv = qk_nope_head_dim, v_head_dim
         pd = param_dtype
@@ -115,6 +125,7 @@ class MLAttention(nnx.Module):
         self.wo_NHD = param(rngs, (N, dv, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
         self.scale = (dn + P) ** -0.5
         self.dtype = dtype
+        self.impl = impl
 
     def query(self, x_BTD, cos, sin):
         """q_nope [B,T,N,dn] and rotated q_pe [B,T,N,dr]."""
@@ -148,7 +159,7 @@ class MLAttention(nnx.Module):
         q_nope, q_pe = self.query(x_BTD, cos, sin)
         k, v = self.expand(*self.latent(x_BTD, cos, sin))
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
-        o, max_logit = attention_core(q, k, v, scale=self.scale)
+        o, max_logit = core_attention(self.impl, q, k, v, scale=self.scale)
         return self.out(o), max_logit
 
     def clip_qk(self, gamma_N):
@@ -170,7 +181,7 @@ def make_attention(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
     a, m = cfg.attention, cfg.model
     common = dict(d_model=m.d_model, std=m.init_std,
                   out_std=m.init_std / math.sqrt(2 * m.n_layers),
-                  dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], rngs=rngs)
+                  dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], impl=a.impl, rngs=rngs)
     if a.kind == "mla":
         return MLAttention(n_heads=a.n_heads, q_lora_rank=a.q_lora_rank,
                            kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
