@@ -350,7 +350,7 @@ def describe_keys() -> str:
             if typing.get_origin(tp) is Literal:
                 tname = "|".join(str(a) for a in typing.get_args(tp))
             else:
-                tname = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+                tname = "list" if tp is tuple else getattr(tp, "__name__", str(tp)).replace("typing.", "")
                 if typing.get_origin(tp) in (typing.Union, types.UnionType):
                     inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
                     tname = f"{inner.__name__}|null"

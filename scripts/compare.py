@@ -168,18 +168,22 @@ def write_outputs(rows, keys, out, target):
     lines = ["| " + " | ".join(keys) + " | lr | seeds | final val loss | perplexity | "
              f"tokens to reach {'target' if target else 'reference'} loss | tokens/s | KV bytes/token | diverged |",
              "|" + "---|" * (len(keys) + 8)]
-    ref_tokens = None
+    # The reference cell reaches its own mean final loss at its full budget (by definition);
+    # every other cell: mean over its seeds of the interpolated tokens, when all reach it.
+    ref_ok = [r for r in cells.get(ref_key, []) if r.get("status") == "ok"]
+    ref_tokens = ref_ok[0]["tokens"] if ref_ok and target is None else None
     for key, rs in cells.items():
         ok = [r for r in rs if r.get("status") == "ok"]
         reach = [r["tokens_to_target"] for r in ok if r["tokens_to_target"] is not None]
         mean_reach = statistics.mean(reach) if len(reach) == len(ok) and reach else None
-        if key == ref_key:
-            ref_tokens = mean_reach
+        if key == ref_key and ref_tokens is not None:
+            mean_reach = ref_tokens
         ratio = f" ({mean_reach / ref_tokens:.2f}×)" if mean_reach and ref_tokens else ""
+        reached = f"{mean_reach:,.0f}{ratio}" if mean_reach else f"not reached ({len(reach)}/{len(ok)} seeds)"
+        tps = [r["tokens_per_s"] for r in ok if r.get("tokens_per_s")]
         lines.append("| " + " | ".join(map(str, key)) + f" | {rs[0]['lr'] or 'config'} | {len(rs)} | "
                      f"{ms([r.get('final_val_loss') for r in ok])} | {ms([r.get('final_val_ppl') for r in ok])} | "
-                     f"{f'{mean_reach:,.0f}' if mean_reach else 'not reached'}{ratio} | "
-                     f"{ms([r.get('tokens_per_s') for r in ok]).split(' ±')[0]} | "
+                     f"{reached} | {f'{statistics.mean(tps):,.0f}' if tps else '—'} | "
                      f"{rs[0].get('kv_cache_bytes_per_token', '—')} | {len(rs) - len(ok)} |")
     t = target if target is not None else ref_target
     header = [f"# Comparison ({time.strftime('%Y-%m-%d')})", "",

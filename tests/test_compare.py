@@ -1,0 +1,51 @@
+"""scripts/compare.py: interpolation, the fair learning-rate protocol, divergence reporting."""
+
+import csv
+import importlib.util
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "scripts", "compare.py"))
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
+
+
+def test_tokens_to_reach_interpolates():
+    curve = [(100, 1.0, 3.0), (200, 2.0, 2.0), (300, 3.0, 1.5)]
+    assert compare.tokens_to_reach(curve, 2.5) == pytest.approx(150.0)
+    assert compare.tokens_to_reach(curve, 1.75) == pytest.approx(250.0)
+    assert compare.tokens_to_reach(curve, 3.5) == pytest.approx(100.0)
+    assert compare.tokens_to_reach(curve, 1.0) is None
+
+
+def test_grid_values_with_extra_overrides():
+    grid = compare.parse_grid(["attention.kind=mha,gqa+attention.n_kv_heads=2"])
+    assert grid == {"attention.kind": ["mha", "gqa+attention.n_kv_heads=2"]}
+    assert compare._split_value("gqa+attention.n_kv_heads=2") == ("gqa", ["attention.n_kv_heads=2"])
+
+
+def test_sweep_keeps_best_lr_and_reports_divergence(tmp_path):
+    text = "".join(f"line {i % 7}: to be or not to be, that is the question\n" for i in range(400))
+    (tmp_path / "c.txt").write_text(text)
+    out = tmp_path / "out"
+    code = compare.main([
+        "--lr-sweep", "1e-2,1e30", "--seeds", "0,1", "--out", str(out),
+        f"data.path={tmp_path / 'c.txt'}", f"data.cache_dir={tmp_path / 'cache'}",
+        "model.d_model=32", "model.n_layers=1", "model.ffn_dim=64", "attention.n_heads=2",
+        "attention.kv_lora_rank=16", "attention.qk_nope_head_dim=8", "attention.qk_rope_head_dim=4",
+        "attention.v_head_dim=8", "train.steps=12", "train.batch_size=4", "train.seq_len=32",
+        "train.eval_every=4", "train.eval_batches=2", "train.final_eval_batches=4",
+        "optim.warmup_steps=0", "optim.clip_norm=0", "optim.schedule=constant"])
+    assert code == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    by = {(r["seed"], r["lr"]): r for r in rows}
+    assert set(by) == {("0", "1e-2"), ("0", "1e30"), ("1", "1e-2")}  # seed 1 only at the best lr
+    assert by[("0", "1e30")]["status"] == "diverged"                  # reported, not dropped
+    assert by[("0", "1e-2")]["status"] == "ok" and by[("0", "1e-2")]["best_lr"] == "True"
+    assert float(by[("1", "1e-2")]["final_val_loss"]) < 3.0           # it learned (ln 257 = 5.55)
+    assert int(by[("0", "1e-2")]["peak_memory_bytes"]) > 10_000_000
+    md = open(out / "results.md").read()
+    assert "| 1e30 | — | diverged |" in md
+    assert (out / "loss_vs_tokens.png").stat().st_size > 1000
