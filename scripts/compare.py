@@ -222,8 +222,8 @@ def plot(rows, keys, out):
             color = colors.setdefault(key, f"C{len(colors) % 10}")
             xs = [c[xi] for c in r["curve"]]
             ys = [c[2] for c in r["curve"]]
-            label = ", ".join(map(str, key)) if r["seed"] == min(x["seed"] for x in rows
-                                                                  if cell_key(x, keys) == key) else None
+            first = r["seed"] == min(x["seed"] for x in rows if cell_key(x, keys) == key)
+            label = (", ".join(map(str, key)) or "run") if first else None
             ax.plot(xs, ys, color=color, alpha=0.8, label=label, marker="." if len(xs) < 30 else None)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("validation loss (nats/token)")
