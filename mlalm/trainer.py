@@ -184,12 +184,10 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
 class _Logger:
     """metrics.jsonl + TensorBoard (tensorboardX) + console."""
 
-    def __init__(self, run_dir: str, progress, total: int):
+    def __init__(self, run_dir: str):
         from tensorboardX import SummaryWriter
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self.tb = SummaryWriter(run_dir)
-        self.bar = progress
-        self.total = total
 
     def log(self, step: int, record: dict, scalars: dict, loads=None):
         self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
@@ -280,7 +278,7 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
     if use_bar:
         from tqdm import tqdm
         bar = tqdm(total=t.steps, unit="step", dynamic_ncols=True)
-    logger = _Logger(run_dir, bar, t.steps) if is_main else _NullLogger()
+    logger = _Logger(run_dir) if is_main else _NullLogger()
     it = iter(train_ds)
     pending = []
     window_t, window_steps = time.perf_counter(), 0
