@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -475,7 +476,6 @@ def _validate_muon(o: OptimConfig) -> None:
     sets = [coeffs] if coeffs and not isinstance(coeffs[0], (list, tuple)) else list(coeffs)
     if not sets:
         raise ConfigError("optim.ns_coeffs is empty; expected [a, b, c] or a list of such triples")
-    import math
     for triple in sets:
         if (len(triple) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                         and math.isfinite(x) for x in triple)):

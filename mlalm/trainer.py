@@ -287,8 +287,8 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
 
     def handle(step, metrics):
         nonlocal window_t, window_steps, val_loss
-        m = jax.tree.map(to_host, metrics)
-        if not bool(m["finite"]):
+        if not bool(to_host(metrics["finite"])):  # the only per-step transfer: one scalar
+            m = jax.tree.map(to_host, metrics)
             msg = f"non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])} at step {step}"
             if cfg.train.on_nonfinite == "stop":
                 raise NonFiniteError(msg + " (the update was not applied; set train.on_nonfinite=skip to skip such steps)")
@@ -299,6 +299,7 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
             if bar:
                 bar.update(1)
             return
+        m = jax.tree.map(to_host, metrics)
         now = time.perf_counter()
         tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
         window_t, window_steps = now, 0
