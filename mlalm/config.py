@@ -131,6 +131,18 @@ class TrainConfig:
     final_eval_batches: int = 0  # end of run: batches (0: the whole split)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     progress: bool = True
+    # 'auto': continue from the newest complete checkpoint of the run directory (a run
+    # that finished starts a new directory); 'never': always start afresh; or a path to a
+    # checkpoint (a run directory, its checkpoints/ directory, or one step directory)
+    resume: str = "auto"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # save every N steps (0: only at the end and on SIGTERM/SIGINT)
+    keep: int = 3  # the newest N checkpoints are kept ...
+    keep_best: bool = True  # ... plus the one with the lowest validation loss
+    async_save: bool = True  # write in the background while training continues
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
     # -- derived quantities used across the code base --------------------------------
@@ -455,6 +468,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size < 260:
         raise ConfigError("data.bpe_vocab_size must be at least 260 (256 bytes + specials)")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
+                          f"{cfg.checkpoint.every} and {cfg.checkpoint.keep}")
+    if not t.resume:
+        raise ConfigError("train.resume must be 'auto', 'never' or a checkpoint path")
     mesh = cfg.mesh
     sizes = [mesh.data, mesh.fsdp, mesh.tensor, mesh.expert]
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):

@@ -17,7 +17,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -27,9 +29,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mlalm.checkpoint import Checkpointer, find_checkpoint, _abstract
 from mlalm.config import Config, to_yaml
 from mlalm.data import Windows, eval_batches, load_corpus, train_dataset
-from mlalm.errors import ConfigError
+from mlalm.errors import CheckpointError, ConfigError
 from mlalm.flops import flops_per_token, peak_flops
 from mlalm.model import Transformer
 from mlalm.optim import build_optimizer
@@ -184,10 +187,10 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
 class _Logger:
     """metrics.jsonl + TensorBoard (tensorboardX) + console."""
 
-    def __init__(self, run_dir: str):
+    def __init__(self, run_dir: str, purge_step=None):
         from tensorboardX import SummaryWriter
         self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
-        self.tb = SummaryWriter(run_dir)
+        self.tb = SummaryWriter(run_dir, purge_step=purge_step)  # a resumed run replaces later events
 
     def log(self, step: int, record: dict, scalars: dict, loads=None):
         self.jsonl.write(json.dumps({"step": step, **record}) + "\n")
@@ -206,6 +209,19 @@ class _Logger:
         self.tb.close()
 
 
+def _truncate_metrics(run_dir: str, step: int) -> None:
+    """Drop metrics.jsonl rows after the checkpoint a run resumes from: those steps run
+    again (identically) and are logged again.  Written to a new file, then renamed."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(rows)
+    os.replace(path + ".tmp", path)
+
+
 class _NullLogger:
     def log(self, *args, **kwargs):
         pass
@@ -222,6 +238,85 @@ def _unique_run_dir(cfg: Config, default_name: str) -> str:
         path = os.path.join(cfg.train.run_dir, f"{name}-{n}")
         n += 1
     return path
+
+
+def _has_checkpoint(run_dir: str) -> bool:
+    d = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(d) and any(x.isdigit() for x in os.listdir(d))
+
+
+def _choose_run_dir(cfg: Config, default_name: str):
+    """(run_dir, checkpoints directory to resume from or None), as ``train.resume`` says.
+
+    auto: the configured run directory when it holds checkpoints of an unfinished run
+    (no summary.json); otherwise a fresh directory (``name-2``, ... when taken).
+    A path: resume from that checkpoint; the run continues in that run directory when it
+    is the configured one, else in a fresh one.
+    """
+    r = cfg.train.resume
+    configured = os.path.join(cfg.train.run_dir, cfg.train.name or default_name)
+    if r == "never":
+        return _unique_run_dir(cfg, default_name), None
+    if r == "auto":
+        if _has_checkpoint(configured) and not os.path.exists(os.path.join(configured, "summary.json")):
+            return configured, os.path.join(configured, "checkpoints")
+        return _unique_run_dir(cfg, default_name), None
+    if not os.path.exists(r):
+        raise CheckpointError(f"train.resume={r}: no such checkpoint or run directory")
+    step_dir = find_checkpoint(r)  # CheckpointError when it holds none
+    ckpts = os.path.dirname(step_dir)
+    same = os.path.abspath(os.path.dirname(ckpts)) == os.path.abspath(configured)
+    return (configured if same else _unique_run_dir(cfg, default_name)), ckpts
+
+
+_ARCH_SECTIONS = ("model", "attention", "moe")
+_FREE_KEYS = {("attention", "impl"), ("moe", "dispatch"), ("moe", "capacity_factor"), ("model", "dtype"),
+              ("moe", "bias_update_rate"), ("moe", "seq_aux_loss_coef")}  # same parameters either way
+
+
+def _check_compatible(cfg: Config, saved: dict, where: str) -> None:
+    """The checkpoint must describe the same model (optimizer and schedule may change)."""
+    now = cfg.to_dict()
+    keys = [(sec, k) for sec in _ARCH_SECTIONS for k in now[sec] if (sec, k) not in _FREE_KEYS]
+    keys.append(("optim", "name"))  # the optimizer state's structure
+    for section, key in keys:
+        old, value = saved.get(section, {}).get(key), now[section][key]
+        if old != value:
+            raise CheckpointError(
+                f"{where} was trained with {section}.{key}={old}, this config has {value}; "
+                f"use the same model config, or train.resume=never to start a new run")
+
+
+def _stop_requested(stop: "_StopFlag", n_proc: int) -> bool:
+    """Whether to stop now; with several processes, all agree (one small all-gather)."""
+    if n_proc == 1:
+        return stop.requested is not None
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(stop.requested is not None))
+    return bool(np.any(flags))
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT: finish the current step, save, exit 0 (a second SIGINT aborts)."""
+
+    def __init__(self, log):
+        self.requested, self.log, self.old = None, log, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.old[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        self.log(f"{self.requested}: finishing this step, saving a checkpoint, then stopping")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
@@ -255,15 +350,34 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
                               shardings=(placement.state_sh, placement.batch_sh, placement.repl))
     eval_step = make_eval_step(graphdef, placement)
 
-    run_dir = _unique_run_dir(cfg, default_name)
+    run_dir, resume_dir = _choose_run_dir(cfg, default_name)
     is_main = proc == 0  # only process 0 writes
     if not is_main:
         log = lambda *_: None  # noqa: E731
+    ck = cfg.checkpoint
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=ck.keep,
+                                keep_best=ck.keep_best, async_save=ck.async_save, log=log)
+    it = iter(train_ds)
+    start_step, elapsed0 = 0, 0.0
+    if resume_dir is not None:
+        source = checkpointer if os.path.abspath(resume_dir) == checkpointer.directory else \
+            Checkpointer(resume_dir, keep=ck.keep, keep_best=ck.keep_best, async_save=False, log=log)
+        steps = source.steps()
+        if steps:
+            saved = json.load(open(os.path.join(resume_dir, str(steps[-1]), "meta", "metadata")))
+            _check_compatible(cfg, saved["config"], f"checkpoint {resume_dir}/{steps[-1]}")
+        restored = source.restore(_abstract(state, placement.state_sh), it)
+        if restored is not None:
+            state, meta = restored
+            start_step, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
+            log(f"resuming from {resume_dir}/{start_step} (step {start_step}/{t.steps})")
     if is_main:
         os.makedirs(run_dir, exist_ok=True)
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
         corpus.tokenizer.save(run_dir)
+        if start_step:
+            _truncate_metrics(run_dir, start_step)
     tokens_per_step = t.batch_size * t.seq_len
     fpt = flops_per_token(cfg, t.seq_len)
     peak = peak_flops()
@@ -277,16 +391,16 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
     bar = None
     if use_bar:
         from tqdm import tqdm
-        bar = tqdm(total=t.steps, unit="step", dynamic_ncols=True)
-    logger = _Logger(run_dir) if is_main else _NullLogger()
-    it = iter(train_ds)
+        bar = tqdm(total=t.steps, initial=start_step, unit="step", dynamic_ncols=True)
+    logger = _Logger(run_dir, purge_step=start_step + 1 if start_step else None) if is_main else _NullLogger()
     pending = []
-    window_t, window_steps = time.perf_counter(), 0
+    window_t, window_steps, eval_seconds = time.perf_counter(), 0, 0.0
     summary = {"run_dir": run_dir}
-    val_loss = None
+    evals = {}  # step -> validation loss, measured right after that step
+    meta = {"seed": t.seed, "config": cfg.to_dict()}
 
     def handle(step, metrics):
-        nonlocal window_t, window_steps, val_loss
+        nonlocal window_t, window_steps, eval_seconds
         if not bool(to_host(metrics["finite"])):  # the only per-step transfer: one scalar
             m = jax.tree.map(to_host, metrics)
             msg = f"non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])} at step {step}"
@@ -294,15 +408,15 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
                 raise NonFiniteError(msg + " (the update was not applied; set train.on_nonfinite=skip to skip such steps)")
             log(f"warning: {msg}; update skipped")
         window_steps += 1
-        is_eval = step % t.eval_every == 0 and step != t.steps
-        if not (step % t.log_every == 0 or step == t.steps or step == 1 or is_eval):
+        val_loss = evals.pop(step, None)
+        if not (step % t.log_every == 0 or step == t.steps or step == start_step + 1 or val_loss is not None):
             if bar:
                 bar.update(1)
             return
         m = jax.tree.map(to_host, metrics)
         now = time.perf_counter()
-        tps = window_steps * tokens_per_step / max(now - window_t, 1e-9)
-        window_t, window_steps = now, 0
+        tps = window_steps * tokens_per_step / max(now - window_t - eval_seconds, 1e-9)  # evaluation not charged
+        window_t, window_steps, eval_seconds = now, 0, 0.0
         record = {"loss": float(m["loss"]), "lr": float(m["lr"]), "tokens_per_s": tps,
                   "grad_norm": float(m["grad_norm"]), "elapsed_s": now - start}
         if cfg.moe.n_routed_experts:
@@ -315,31 +429,61 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
         record["attn_max_logit"] = [round(float(x), 3) for x in m["attn_max_logit"]]
         for i, x in enumerate(record["attn_max_logit"]):
             scalars[f"attn/max_logit/layer{i}"] = x
-        if is_eval:
-            val_loss = evaluate(eval_step, state["params"], state["rest"], corpus.val, placement=placement,
-                                seq_len=t.seq_len, batch_size=eval_bs, max_batches=t.eval_batches)
+        if val_loss is not None:
             record["val_loss"] = val_loss
             scalars["val/loss"], scalars["val/perplexity"] = val_loss, math.exp(min(val_loss, 50))
-            window_t = time.perf_counter()  # do not charge evaluation to training speed
         logger.log(step, record, scalars, loads=m["expert_load"] if cfg.moe.n_routed_experts else None)
-        text = f"loss {record['loss']:.4f} | {tps:,.0f} tok/s" + (f" | val {val_loss:.4f}" if is_eval else "")
+        text = f"loss {record['loss']:.4f} | {tps:,.0f} tok/s" + (f" | val {val_loss:.4f}" if val_loss is not None else "")
         if bar:
             bar.set_postfix_str(text)
             bar.update(1)
         else:
             log(f"step {step}/{t.steps} | {text} | lr {record['lr']:.2e}")
 
-    start = time.perf_counter()
+    def save(step, val_loss=None):
+        t0 = time.perf_counter()
+        checkpointer.save(step, state, it, {**meta, "elapsed_s": time.perf_counter() - start},
+                          val_loss=val_loss)
+        return time.perf_counter() - t0
+
+    start = time.perf_counter() - elapsed0
+    step, saved_step, stopped = start_step, start_step if resume_dir else None, None
     try:
-        for step in range(1, t.steps + 1):
-            batch = global_batch(next(it), placement.batch_sh, t.batch_size)
-            state, metrics = step_fn(state, batch)
-            pending.append((step, metrics))
-            if len(pending) > 1:
+        with _StopFlag(log) as stop:
+            for step in range(start_step + 1, t.steps + 1):
+                batch = global_batch(next(it), placement.batch_sh, t.batch_size)
+                state, metrics = step_fn(state, batch)
+                pending.append((step, metrics))
+                if len(pending) > 1:
+                    handle(*pending.pop(0))
+                val_loss = None
+                if step % t.eval_every == 0 and step != t.steps:
+                    t0 = time.perf_counter()
+                    val_loss = evaluate(eval_step, state["params"], state["rest"], corpus.val, placement=placement,
+                                        seq_len=t.seq_len, batch_size=eval_bs, max_batches=t.eval_batches)
+                    evals[step] = val_loss
+                    eval_seconds += time.perf_counter() - t0
+                if (ck.every and step % ck.every == 0) or step == t.steps:
+                    blocking = save(step, val_loss)
+                    saved_step = step
+                    if step == t.steps or step == ck.every:
+                        log(f"checkpoint {step} saved in {checkpointer.directory} ({blocking:.2f}s blocking)")
+                if _stop_requested(stop, n_proc):
+                    stopped = stop.requested or "a signal on another process"
+                    break
+            while pending:
                 handle(*pending.pop(0))
-        while pending:
-            handle(*pending.pop(0))
-        train_time = time.perf_counter() - start
+            if stopped:
+                if saved_step != step:
+                    save(step)
+                checkpointer.close()
+                log(f"stopped by {stopped} after step {step}; checkpoint {step} saved in "
+                    f"{checkpointer.directory}; run again to resume")
+                summary.update(stopped=stopped, step=step)
+                summary["state"], summary["graphdef"], summary["cfg"] = state, graphdef, cfg
+                return summary
+        checkpointer.wait()
+        train_time = time.perf_counter() - start - elapsed0
         final_val = evaluate(eval_step, state["params"], state["rest"], corpus.val, placement=placement,
                              seq_len=t.seq_len, batch_size=eval_bs, max_batches=t.final_eval_batches)
         final = {"val_loss": final_val, "final": True}
@@ -348,13 +492,18 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
                                           placement=placement, seq_len=t.seq_len, batch_size=eval_bs)
         logger.log(t.steps, final, {"val/loss": final_val, "val/perplexity": math.exp(min(final_val, 50)),
                                     **({"test/loss": final["test_loss"]} if "test_loss" in final else {})})
+        checkpointer.close()
     finally:
         if bar:
             bar.close()
         logger.close()
+        try:  # an exception above: let a save in flight complete before the process ends
+            checkpointer.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 - already failing; the first error is the one to report
+            pass
     summary.update(val_loss=final_val, val_perplexity=math.exp(min(final_val, 50)),
                    val_bits_per_byte=final_val * len(corpus.val) / corpus.val_bytes / math.log(2),
-                   train_seconds=train_time, tokens_per_s=t.steps * tokens_per_step / train_time,
+                   train_seconds=train_time, tokens_per_s=(t.steps - start_step) * tokens_per_step / max(train_time, 1e-9),
                    params=int(n_params))
     if corpus.test is not None:
         summary.update(test_loss=final["test_loss"], test_perplexity=math.exp(min(final["test_loss"], 50)),

@@ -6,7 +6,7 @@ import typing
 
 import pytest
 
-from mlalm.config import (AttentionConfig, Config, DataConfig, MeshConfig, ModelConfig,
+from mlalm.config import (AttentionConfig, CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig,
                           MoEConfig, OptimConfig, TrainConfig, describe_keys, from_dict,
                           load_config, parse_overrides)
 from mlalm.errors import ConfigError
@@ -50,7 +50,7 @@ def test_unknown_section_without_close_match_lists_valid():
     with pytest.raises(ConfigError, match=r"unknown config section 'zzzzz'") as e:
         from_dict({"zzzzz": {}})
     assert "did you mean" not in str(e.value)
-    for section in ("model", "attention", "moe", "optim", "data", "train", "mesh"):
+    for section in ("model", "attention", "moe", "optim", "data", "train", "checkpoint", "mesh"):
         assert section in str(e.value)
 
 
@@ -364,7 +364,7 @@ def test_overrides_are_validated():
 def test_describe_keys_lists_every_field():
     sections = {"model": ModelConfig, "attention": AttentionConfig, "moe": MoEConfig,
                 "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
-                "mesh": MeshConfig}
+                "checkpoint": CheckpointConfig, "mesh": MeshConfig}
     assert {f.name for f in dataclasses.fields(Config)} == set(sections)
     want = [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
     lines = describe_keys().splitlines()
