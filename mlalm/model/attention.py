@@ -7,8 +7,9 @@ MLA (DeepSeek-V2/V3), per token h:
     [k_nope; v] = W_kvb c_kv  per head
     k = [k_nope; k_pe], q = [q_nope; q_pe]:  qk width d_n + d_r, value width d_v
     softmax scale (d_n + d_r)^-1/2
-The decode path with weight absorption (cache only c_kv and k_pe) lives in
-``mlalm.generate``; the cache sizes are given by :func:`kv_cache_bytes_per_token_per_layer`.
+Each module's ``forward_cached`` is the prefill/decode path over a KV cache (MLA: the
+latent cache with weight absorption, or the expanded per-head cache); ``mlalm.generate``
+drives it.  The cache sizes are given by :func:`kv_cache_bytes_per_token_per_layer`.
 """
 
 from __future__ import annotations
@@ -57,6 +58,68 @@ def core_attention(impl: str, q, k, v, *, scale: float):
     return attention_core(q, k, v, scale=scale)
 
 
+# ---------------------------------------------------------------------------------------
+# Cache-aware paths (prefill and decode).  A layer's cache is a dict of arrays whose keys
+# name the layout:  {'k', 'v'}: keys/values per kv head (MHA/GQA/MQA, and MLA without
+# absorption: N heads of width d_n + d_r and d_v);  {'c_kv', 'k_pe'}: MLA's latent cache.
+# Row b, slot s holds the token at position s of sequence b; slots past a row's length
+# are masked, so stale or padding entries there are never attended.
+# ---------------------------------------------------------------------------------------
+
+def cache_write(cache_BS_, new_BT_, positions_BT):
+    """cache[b, positions[b, t]] = new[b, t] (a scatter; positions >= S are dropped)."""
+    b = jnp.arange(cache_BS_.shape[0])[:, None]
+    return cache_BS_.at[b, positions_BT].set(new_BT_.astype(cache_BS_.dtype), mode="drop")
+
+
+def cached_attention(q_BTNH, k_BSKH, v_BSKG, positions_BT, *, scale: float):
+    """softmax(q kᵀ · scale) v over a cache, query (b, t) seeing slots s <= positions[b, t].
+
+    K kv heads are shared by N/K query heads each (a reshape, as in ``attention_core``).
+    Scores and softmax in float32.  Returns o_BTNG in the dtype of v.
+    """
+    B, T, N, H = q_BTNH.shape
+    S, K = k_BSKH.shape[1], k_BSKH.shape[2]
+    q = q_BTNH.reshape(B, T, K, N // K, H)
+    s = jnp.einsum("BTKgH,BSKH->BKgTS", q, k_BSKH, preferred_element_type=jnp.float32) * scale
+    mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+    s = jnp.where(mask_BTS[:, None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("BKgTS,BSKG->BTKgG", p.astype(v_BSKG.dtype), v_BSKG)
+    return o.reshape(B, T, N, v_BSKG.shape[-1])
+
+
+def absorbed_mla_attention(q_abs_BTNR, q_pe_BTNP, c_kv_BSR, k_pe_BSP, positions_BT, *,
+                           scale: float):
+    """MLA over the latent cache with W_UK absorbed into the query (DESIGN.md §3):
+
+        s_ns = scale · (q_abs_n · c_kv_s + q_pe_n · k_pe_s),   s <= position
+        o_n  = Σ_s softmax(s_n)_s c_kv_s                       (latent output, width R)
+
+    MQA with one kv head of width R + P whose value is its first R dims.  Float32 scores.
+    Returns o_BTNR in the dtype of c_kv.
+    """
+    S = c_kv_BSR.shape[1]
+    s = (jnp.einsum("BTNR,BSR->BTNS", q_abs_BTNR, c_kv_BSR, preferred_element_type=jnp.float32)
+         + jnp.einsum("BTNP,BSP->BTNS", q_pe_BTNP, k_pe_BSP,
+                      preferred_element_type=jnp.float32)) * scale
+    mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
+    s = jnp.where(mask_BTS[:, :, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    return jnp.einsum("BTNS,BSR->BTNR", p.astype(c_kv_BSR.dtype), c_kv_BSR)
+
+
+def _mla_decode_splits(S: int, B: int) -> int | None:
+    """A ``num_splits`` for ``mla_decode`` that cuts S into whole 64-row blocks, so the
+    kernel never copies the cache into a padded buffer (None: let the kernel choose)."""
+    from mlalm.kernels.mla_decode import _TARGET_PROGRAMS
+    if S % 64:
+        return None
+    n_blocks = S // 64
+    target = max(1, min(-(-n_blocks // 4), -(-_TARGET_PROGRAMS // B)))
+    return max(d for d in range(1, target + 1) if n_blocks % d == 0)
+
+
 class MultiHeadAttention(nnx.Module):
     """MHA (K = N), GQA (1 < K < N) and MQA (K = 1) with RoPE on the whole head."""
 
@@ -88,6 +151,24 @@ class MultiHeadAttention(nnx.Module):
         q, k, v = self.qkv(x_BTD, cos, sin)
         o, max_logit = core_attention(self.impl, q, k, v, scale=self.scale)
         return self.out(o), max_logit
+
+    def init_cache(self, batch: int, max_len: int, dtype, absorbed: bool = True) -> dict:
+        """Zeroed cache: rotated keys and values per kv head, k/v [B, S, K, H] each
+        (``absorbed`` only matters to MLA)."""
+        _, K, H = self.wk_DKH.shape
+        return {"k": jnp.zeros((batch, max_len, K, H), dtype),
+                "v": jnp.zeros((batch, max_len, K, H), dtype)}
+
+    def forward_cached(self, x_BTD, cos, sin, cache: dict, positions_BT):
+        """Attention of T new tokens at ``positions_BT`` over the cache after writing them to it.
+
+        Returns (y_BTD, new cache).
+        """
+        q, k, v = self.qkv(x_BTD, cos, sin)
+        k_c = cache_write(cache["k"], k, positions_BT)
+        v_c = cache_write(cache["v"], v, positions_BT)
+        o = cached_attention(q, k_c, v_c, positions_BT, scale=self.scale)
+        return self.out(o.astype(self.dtype)), {"k": k_c, "v": v_c}
 
     def clip_qk(self, gamma_N):
         """QK-clip: scale head n's query by sqrt(gamma_n) and each kv head's key by the
@@ -161,6 +242,54 @@ class MLAttention(nnx.Module):
         q = jnp.concatenate([q_nope, q_pe], axis=-1)
         o, max_logit = core_attention(self.impl, q, k, v, scale=self.scale)
         return self.out(o), max_logit
+
+    def init_cache(self, batch: int, max_len: int, dtype, absorbed: bool = True) -> dict:
+        """Zeroed cache.  absorbed: the latent c_kv [B, S, R] and rope key k_pe [B, S, P];
+        otherwise the expanded per-head keys [B, S, N, d_n + d_r] and values [B, S, N, d_v]."""
+        B, S, N = batch, max_len, self.n_heads
+        if absorbed:
+            return {"c_kv": jnp.zeros((B, S, self.R), dtype), "k_pe": jnp.zeros((B, S, self.dr), dtype)}
+        return {"k": jnp.zeros((B, S, N, self.dn + self.dr), dtype),
+                "v": jnp.zeros((B, S, N, self.dv), dtype)}
+
+    def forward_cached(self, x_BTD, cos, sin, cache: dict, positions_BT):
+        """MLA of T new tokens at ``positions_BT`` over the cache after writing them to it.
+
+        The cache's keys pick the path: {'c_kv', 'k_pe'} decodes with weight absorption
+        (q_abs = q_nope · W_UK, attention over the latent, then W_UV and W_o); {'k', 'v'}
+        expands each token once to per-head keys/values (no absorption).  With
+        ``impl='pallas'`` a single absorbed decode step (T = 1) runs ``mla_decode``.
+
+        Returns (y_BTD, new cache).
+        """
+        q_nope, q_pe = self.query(x_BTD, cos, sin)
+        c_kv, k_pe = self.latent(x_BTD, cos, sin)
+        if "k" in cache:  # naive: cache what the training path attends to
+            k, v = self.expand(c_kv, k_pe)
+            k_c = cache_write(cache["k"], k, positions_BT)
+            v_c = cache_write(cache["v"], v, positions_BT)
+            q = jnp.concatenate([q_nope, q_pe], axis=-1)
+            o = cached_attention(q, k_c, v_c, positions_BT, scale=self.scale)
+            return self.out(o.astype(self.dtype)), {"k": k_c, "v": v_c}
+
+        c_c = cache_write(cache["c_kv"], c_kv, positions_BT)
+        kp_c = cache_write(cache["k_pe"], k_pe, positions_BT)
+        w_kvb = self.wkv_b_RNH[...].astype(self.dtype)
+        w_uk_RNH, w_uv_RNG = w_kvb[..., :self.dn], w_kvb[..., self.dn:]
+        # q_nope·k_nope = q_nope·(W_UK c) = (q_nope·W_UK)·c: fold W_UK into the query
+        q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk_RNH)
+        B, T = positions_BT.shape
+        if self.impl == "pallas" and T == 1:
+            from mlalm.kernels import mla_decode
+            S = c_c.shape[1]
+            o_BNR = mla_decode(q_abs[:, 0], q_pe[:, 0], c_c, kp_c, positions_BT[:, 0] + 1,
+                               sm_scale=self.scale, num_splits=_mla_decode_splits(S, B))
+            o_lat = o_BNR[:, None]
+        else:
+            o_lat = absorbed_mla_attention(q_abs, q_pe, c_c, kp_c, positions_BT, scale=self.scale)
+        # per head v = W_UV c, so Σ_s p_s v_s = W_UV (Σ_s p_s c_s): apply W_UV to the latent output
+        o = jnp.einsum("BTNR,RNG->BTNG", o_lat.astype(self.dtype), w_uv_RNG)
+        return self.out(o), {"c_kv": c_c, "k_pe": kp_c}
 
     def clip_qk(self, gamma_N):
         """QK-clip for MLA (Kimi K2): per head, q_nope and k_nope by sqrt(gamma), q_pe by

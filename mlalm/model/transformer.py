@@ -11,7 +11,7 @@ from flax import nnx
 from mlalm.config import Config, ConfigError
 from mlalm.model.attention import make_attention
 from mlalm.model.layers import DTYPES, RMSNorm, SwiGLU, param, rope_tables
-from mlalm.model.moe import MoE, balance_bias_update
+from mlalm.model.moe import MoE, balance_bias_update, dispatch_dropless, route
 
 
 class Block(nnx.Module):
@@ -46,6 +46,29 @@ class Block(nnx.Module):
             y, aux = self.ffn(h)
             return x_BTD + y, max_logit, aux
         return x_BTD + self.ffn(h), max_logit, None
+
+    def forward_cached(self, x_BTD, cos, sin, cache: dict, positions_BT):
+        """The block over a KV cache (see ``forward_cached`` of the attention modules).
+
+        MoE layers route dropless here whatever ``moe.dispatch`` says: in generation a
+        token's output must not depend on which other tokens (or padding) share its batch,
+        which capacity dispatch cannot promise.  Returns (x_BTD, new cache).
+        """
+        y, cache = self.attn.forward_cached(self.attn_norm(x_BTD), cos, sin, cache, positions_BT)
+        x_BTD = x_BTD + y
+        h = self.ffn_norm(x_BTD)
+        if not self.is_moe:
+            return x_BTD + self.ffn(h), cache
+        moe, (B, T, D) = self.ffn, h.shape
+        h_ND = h.reshape(B * T, D)
+        idx, w, _ = route(h_ND, moe.w_router_DE[...], moe.bias_E[...], **moe.route_kw)
+        dt = moe.dtype
+        y = dispatch_dropless(h_ND, idx, w, moe.w_gate_EDF[...].astype(dt),
+                              moe.w_up_EDF[...].astype(dt), moe.w_down_EFD[...].astype(dt))
+        y = y.reshape(B, T, D)
+        if moe.shared is not None:
+            y = y + moe.shared(h)
+        return x_BTD + y, cache
 
 
 class Transformer(nnx.Module):
@@ -94,6 +117,28 @@ class Transformer(nnx.Module):
         load = jnp.stack(loads) if loads else jnp.zeros((0, E), jnp.float32)
         return logits, {"expert_load": load, "balance_loss": balance,
                         "attn_max_logit": jnp.stack(max_logits)}
+
+    def init_cache_layers(self, batch: int, max_len: int, dtype, *, absorbed: bool = True) -> list:
+        """One zeroed cache dict per layer (layouts in ``mlalm.model.attention``)."""
+        return [b.attn.init_cache(batch, max_len, dtype, absorbed) for b in self.blocks]
+
+    def forward_cached(self, tokens_BT, positions_BT, caches: list):
+        """Run T new tokens per row at their true positions over the per-layer caches.
+
+        Args:
+            tokens_BT: int tokens; positions_BT: their positions (RoPE angles and cache
+                slots); query (b, t) attends the slots s <= positions_BT[b, t].
+            caches: per-layer cache dicts from :meth:`init_cache_layers`.
+        Returns:
+            (h_BTD after the final norm; apply :meth:`logits`), the updated caches.
+        """
+        cos, sin = rope_tables(positions_BT, self.rope_dim, self.cfg.model.rope_theta)
+        x = self.embed_VD[...].astype(self.dtype)[tokens_BT]
+        new = []
+        for block, cache in zip(self.blocks, caches):
+            x, cache = block.forward_cached(x, cos, sin, cache, positions_BT)
+            new.append(cache)
+        return self.final_norm(x), new
 
     def logits(self, h_BTD):
         """LM head in float32 accumulation (tied: the embedding's transpose)."""

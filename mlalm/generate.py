@@ -1,0 +1,351 @@
+"""Text generation with a KV cache: prefill, one-token decode steps, sampling, speed.
+
+The cache is a pytree ``{'layers': [dict per layer], 'lengths': int32 [B]}``.  Row b's
+token at position s lives in slot s of every layer array; ``lengths[b]`` counts the valid
+slots.  Layouts per layer (``init_cache``):
+
+    MHA/GQA/MQA      k, v      [B, S, K, H]          rotated keys, values per kv head
+    MLA (absorbed)   c_kv      [B, S, R]             normalised latent
+                     k_pe      [B, S, P]             rotated rope key shared by all heads
+    MLA (naive)      k         [B, S, N, d_n + d_r]  expanded keys (what transformers caches)
+                     v         [B, S, N, d_v]
+
+Prompts of different lengths are right-padded into one [B, T] batch and prefilled at their
+true positions 0..len_b-1; the padding is written to slots >= len_b, which the mask hides
+and the decode steps overwrite before any query may see them.  Each decode step writes
+row b's token to slot lengths[b] and attends slots <= lengths[b].
+
+Every step is a ``jax.jit`` of a pure function of (state, cache, ...), built once per
+model: one compilation per shape, the cache donated so the update is in place.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import weakref
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mlalm.errors import ConfigError, DataError
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+# ---------------------------------------------------------------------------------------
+# The cache
+# ---------------------------------------------------------------------------------------
+
+def init_cache(model, batch_size: int, max_len: int, *, absorbed: bool = True,
+               dtype=None) -> dict:
+    """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens.
+
+    Args:
+        model: a :class:`mlalm.model.Transformer`.
+        absorbed: MLA only: cache the latent (c_kv, k_pe) and decode with weight
+            absorption; False caches the expanded per-head keys and values.
+        dtype: cache dtype, default the model's compute dtype.
+    Returns:
+        {'layers': [per-layer dict of zeros], 'lengths': zeros int32 [B]}.
+    """
+    if batch_size < 1 or max_len < 1:
+        raise ConfigError(f"cache of batch_size={batch_size}, max_len={max_len}: both must be >= 1")
+    dtype = model.dtype if dtype is None else dtype
+    return {"layers": model.init_cache_layers(batch_size, max_len, dtype, absorbed=absorbed),
+            "lengths": jnp.zeros((batch_size,), jnp.int32)}
+
+
+def cache_bytes(cache: dict) -> int:
+    """Bytes of the per-token arrays (keys, values, latents) of all layers; not lengths."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache["layers"])))
+
+
+# ---------------------------------------------------------------------------------------
+# Jitted steps (pure functions of the split model)
+# ---------------------------------------------------------------------------------------
+
+def _prefill_fn(model, cache, tokens_BT, n_new_B):
+    lengths = cache["lengths"]
+    T = tokens_BT.shape[1]
+    positions_BT = lengths[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    h_BTD, layers = model.forward_cached(tokens_BT, positions_BT, cache["layers"])
+    h_BD = h_BTD[jnp.arange(h_BTD.shape[0]), n_new_B - 1]  # each row's last real token
+    logits_BV = model.logits(h_BD[:, None])[:, 0]
+    return logits_BV, {"layers": layers, "lengths": lengths + n_new_B}
+
+
+def _decode_fn(model, cache, tokens_B):
+    lengths = cache["lengths"]
+    h_B1D, layers = model.forward_cached(tokens_B[:, None], lengths[:, None], cache["layers"])
+    return model.logits(h_B1D)[:, 0], {"layers": layers, "lengths": lengths + 1}
+
+
+# model -> (graphdef, {name: jitted fn}).  The graphdef is closed over rather than passed
+# as a static argument because it is not hashable (MoE keeps a dict of routing options).
+_PROGRAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _programs(model):
+    """The jitted steps of ``model`` (built once per model) and its current state.
+
+    Each is ``f(state, cache, ...)`` with the cache donated, so the update is in place.
+    """
+    graphdef, state = nnx.split(model)
+    entry = _PROGRAMS.get(model)
+    if entry is None or entry[0] != graphdef:
+        def bind(fn):
+            return jax.jit(lambda state, *args: fn(nnx.merge(graphdef, state), *args),
+                           donate_argnums=1)
+        entry = (graphdef, {"prefill": bind(_prefill_fn), "decode": bind(_decode_fn)})
+        _PROGRAMS[model] = entry
+    return entry[1], state
+
+
+def prefill(model, cache: dict, tokens_BT, lengths_B):
+    """Append right-padded prompts to the cache (jitted; compiles once per shape).
+
+    Args:
+        cache: from :func:`init_cache` (donated: use the returned cache afterwards).
+        tokens_BT: int32 prompts, row b's real tokens in [:lengths_B[b]], then padding.
+        lengths_B: int32 prompt lengths, each >= 1.
+    Returns:
+        (logits_BV float32 at each row's last prompt token, the updated cache).
+    """
+    programs, state = _programs(model)
+    return programs["prefill"](state, cache, jnp.asarray(tokens_BT, jnp.int32),
+                               jnp.asarray(lengths_B, jnp.int32))
+
+
+def decode_step(model, cache: dict, tokens_B):
+    """Append one token per row at slot ``cache['lengths'][b]`` (jitted).
+
+    The cache must have room (lengths < max_len): writes past the end are dropped.
+    Returns:
+        (logits_BV float32 for the next token, the updated cache; the input is donated).
+    """
+    programs, state = _programs(model)
+    return programs["decode"](state, cache, jnp.asarray(tokens_B, jnp.int32))
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling (float32 throughout)
+# ---------------------------------------------------------------------------------------
+
+def filter_logits(logits_V, top_k=0, top_p=1.0):
+    """Set to -inf every logit outside the top-k and outside the nucleus.
+
+    top-k keeps the k largest (top_k <= 0: all).  The nucleus (top-p, Holtzman et al.
+    2019) is the smallest set of most probable tokens whose probability reaches top_p:
+    in descending order token i is kept iff Σ_{j<i} p_j < top_p, with p the softmax
+    over the tokens top-k kept (as transformers applies them: top-k, then top-p).  The
+    most probable token is always kept; tokens tied with the last kept one are kept too.
+
+    Args:
+        logits_V: [..., V] (already divided by the temperature).
+        top_k, top_p: python numbers or scalar arrays (traceable).
+    Returns:
+        float32 logits of the same shape, -inf outside the kept set.
+    """
+    x = jnp.asarray(logits_V, jnp.float32)
+    V = x.shape[-1]
+    x_sorted = -jnp.sort(-x, axis=-1)  # descending
+    rank = jnp.arange(V)
+    keep_sorted = rank < jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    p_sorted = jax.nn.softmax(jnp.where(keep_sorted, x_sorted, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(p_sorted, axis=-1) - p_sorted
+    # both conditions keep a prefix of the sorted order: keep down to its last logit
+    n_keep = jnp.maximum(jnp.sum(keep_sorted & (mass_before < top_p), axis=-1, keepdims=True), 1)
+    threshold = jnp.take_along_axis(x_sorted, n_keep - 1, axis=-1)
+    return jnp.where(x >= threshold, x, -jnp.inf)
+
+
+@jax.jit
+def sample(key, logits_BV, temperature, top_k, top_p):
+    """Next tokens int32 [B]: argmax when temperature == 0, else a draw from
+    softmax(filter_logits(logits / temperature, top_k, top_p))."""
+    logits = logits_BV.astype(jnp.float32)
+    greedy = jnp.argmax(logits, axis=-1)
+    t = jnp.where(temperature > 0, temperature, 1.0)
+    drawn = jax.random.categorical(key, filter_logits(logits / t, top_k, top_p), axis=-1)
+    return jnp.where(temperature > 0, drawn, greedy).astype(jnp.int32)
+
+
+def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
+    """Raise ConfigError naming the first sampling argument that cannot work."""
+    if max_new_tokens < 1:
+        raise ConfigError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if top_k < 0:
+        raise ConfigError(f"top_k={top_k}: must be >= 0 (0 disables it)")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p}: must be in (0, 1] (1 disables it)")
+
+
+# ---------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+             absorbed: bool = True, eos_id: int | None = None,
+             on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
+    """Sample up to ``max_new_tokens`` tokens after each prompt, all prompts in one batch.
+
+    Args:
+        prompts: token ids per prompt (lengths may differ, each >= 1).
+        temperature: 0 is greedy; top_k (0: off) and top_p (1: off) filter before sampling.
+        seed: of the jax PRNG key (step i draws with fold_in(key, i)).
+        absorbed: MLA only: latent cache with weight absorption, or the expanded cache.
+        eos_id: a row stops after emitting it (the eos token is included in its output).
+        on_token: called as ``on_token(step, tokens_B)`` with int numpy tokens after each
+            step, -1 for rows that had already stopped (for streaming).
+    Returns:
+        the new tokens of each prompt.
+    """
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    V = model.cfg.model.vocab_size
+    if not prompts:
+        raise DataError("generate: no prompts given")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise DataError(f"prompt {i} is empty: give at least one token")
+        if min(p) < 0 or max(p) >= V:
+            raise DataError(f"prompt {i} has token ids outside [0, {V}) (the model's vocab_size)")
+    B, lengths = len(prompts), [len(p) for p in prompts]
+    T = _round_up(max(lengths), 8)  # shape buckets: fewer recompilations across calls
+    tokens_BT = np.zeros((B, T), np.int32)
+    for b, p in enumerate(prompts):
+        tokens_BT[b, :len(p)] = p
+    cache = init_cache(model, B, _round_up(T + max_new_tokens, 64), absorbed=absorbed)
+
+    programs, state = _programs(model)
+    knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
+    key = jax.random.key(seed)
+    logits, cache = programs["prefill"](state, cache, jnp.asarray(tokens_BT),
+                                        jnp.asarray(lengths, jnp.int32))
+    tok = sample(jax.random.fold_in(key, 0), logits, *knobs)
+    out: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, bool)
+    for step in range(max_new_tokens):
+        if step:
+            logits, cache = programs["decode"](state, cache, tok)
+            tok = sample(jax.random.fold_in(key, step), logits, *knobs)
+        tok_B = np.asarray(tok).astype(np.int64)
+        tok_B[done] = -1
+        for b in np.flatnonzero(~done):
+            out[b].append(int(tok_B[b]))
+            done[b] = eos_id is not None and tok_B[b] == eos_id
+        if on_token is not None:
+            on_token(step, tok_B)
+        if done.all():
+            break
+    return out
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
+                  stream: Callable[[str], None] | None = None, **kw) -> list[str]:
+    """:func:`generate` on text: encode, generate, decode (stops at ``tokenizer.eos_id``).
+
+    Args:
+        tokenizer: ``encode(str) -> ids``, ``decode(ids) -> str`` (mlalm.data.tokenizers).
+        stream: called with each new piece of the FIRST prompt's completion as its tokens
+            arrive; a piece is held back while it ends inside a multi-byte character.
+        kw: passed to :func:`generate` (temperature, top_k, top_p, seed, absorbed).
+    Returns:
+        the decoded completion of each prompt.
+    """
+    ids = [[int(t) for t in tokenizer.encode(p)] for p in prompts]
+    eos = getattr(tokenizer, "eos_id", None)
+    first: list[int] = []
+    shown = [0]
+
+    def on_token(step, tokens_B):
+        t = int(tokens_B[0])
+        if t < 0 or t == eos:
+            return
+        first.append(t)
+        text = tokenizer.decode(first)
+        if not text.endswith("\ufffd") and len(text) > shown[0]:  # not mid-character
+            stream(text[shown[0]:])
+            shown[0] = len(text)
+
+    new = generate(model, ids, max_new_tokens, eos_id=eos,
+                   on_token=on_token if stream is not None else None, **kw)
+    if stream is not None:  # flush what was held back (an incomplete last character)
+        text = tokenizer.decode(first)
+        if len(text) > shown[0]:
+            stream(text[shown[0]:])
+    return [tokenizer.decode([t for t in n if t != eos]) for n in new]
+
+
+# ---------------------------------------------------------------------------------------
+# Decode speed
+# ---------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _pattern(shape, dtype, salt):
+    """Deterministic stand-in cache contents in [-1, 1] that vary along every axis
+    (decode time does not depend on the values; jax.random would cost seconds of
+    compilation on CPU)."""
+    x = sum(jax.lax.broadcasted_iota(jnp.float32, shape, d) * c
+            for d, c in zip(range(len(shape)), (0.61, 1.37, 2.03, 0.29, 0.83)))
+    return jnp.sin(x + salt).astype(dtype)
+
+
+def measure_decode(model, *, batch: int, context: int, new_tokens: int = 32,
+                   absorbed: bool = True) -> dict:
+    """Decode throughput with ``context`` tokens already cached in every row.
+
+    The cache arrays are filled with made-up values (the speed does not depend on them)
+    and ``lengths`` set to ``context``; after one warm-up step (compilation) ``new_tokens``
+    jitted greedy decode steps are timed.  ``context`` may exceed ``model.max_seq_len``
+    (RoPE is computed from positions).  The cache holds ``max_len`` = context +
+    new_tokens + 1 rounded up to a multiple of 64 slots.
+
+    Returns:
+        {'tokens_per_s': batch·new_tokens/seconds, 'ms_per_step', 'seconds', 'batch',
+         'context', 'new_tokens', 'max_len', 'absorbed', 'kind', 'impl', 'dtype',
+         'cache_bytes' (allocated), 'bytes_per_token' (all layers),
+         'bytes_per_token_per_layer'}.
+    """
+    if batch < 1 or context < 1 or new_tokens < 1:
+        raise ConfigError(f"measure_decode: batch={batch}, context={context}, "
+                          f"new_tokens={new_tokens}: each must be >= 1")
+    max_len = _round_up(context + new_tokens + 1, 64)
+    cache = init_cache(model, batch, max_len, absorbed=absorbed)
+    for i, layer in enumerate(cache["layers"]):  # made-up contents, replaced one at a time
+        cache["layers"][i] = {name: _pattern(x.shape, x.dtype, 7 * i + j)
+                              for j, (name, x) in enumerate(sorted(layer.items()))}
+    cache["lengths"] = jnp.full((batch,), context, jnp.int32)
+    key = jax.random.key(0)
+    n_bytes = cache_bytes(cache)
+
+    programs, state = _programs(model)
+    greedy = (jnp.float32(0.0), jnp.int32(0), jnp.float32(1.0))
+
+    def step(tok, cache):  # what generate() runs per token: decode, then sample
+        logits, cache = programs["decode"](state, cache, tok)
+        return sample(key, logits, *greedy), cache
+
+    tok, cache = step(jnp.zeros((batch,), jnp.int32), cache)  # compile + warm up
+    jax.block_until_ready((tok, cache))
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        tok, cache = step(tok, cache)
+    jax.block_until_ready((tok, cache))
+    seconds = time.perf_counter() - t0
+    cfg = model.cfg
+    return {"tokens_per_s": batch * new_tokens / seconds,
+            "ms_per_step": 1e3 * seconds / new_tokens, "seconds": seconds,
+            "batch": batch, "context": context, "new_tokens": new_tokens, "max_len": max_len,
+            "absorbed": bool(absorbed and cfg.attention.kind == "mla"),
+            "kind": cfg.attention.kind, "impl": cfg.attention.impl, "dtype": cfg.model.dtype,
+            "cache_bytes": n_bytes, "bytes_per_token": n_bytes / (batch * max_len),
+            "bytes_per_token_per_layer": n_bytes / (batch * max_len * cfg.model.n_layers)}
