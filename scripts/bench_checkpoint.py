@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Checkpoint size and save/restore time for a config's train state (default model).
+
+    python scripts/bench_checkpoint.py [--config configs/default.yaml] [--repeats 3]
+
+Builds the model and optimizer state as the trainer does and, in a temporary directory,
+measures: the size on disk of one checkpoint, the blocking part of an asynchronous save
+(what a training step waits for), the whole save (until the checkpoint is complete and
+its manifest written), a synchronous save, and a restore.  Medians over the repeats.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml"))
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--vocab", type=int, default=257, help="vocabulary size when the config leaves it to the tokenizer")
+    args = p.parse_args(argv)
+
+    import grain
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from mlalm.checkpoint import Checkpointer, _abstract
+    from mlalm.config import load_config
+    from mlalm.model import Transformer
+    from mlalm.optim import build_optimizer
+    from mlalm.trainer import resolve_vocab, split_model
+
+    cfg = resolve_vocab(load_config(args.config), args.vocab)
+    _, params, rest = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+    tx, _ = build_optimizer(cfg, cfg.train.steps)
+    # fresh moments are zeros, which compress to nothing; fill them as training would
+    rng = np.random.default_rng(0)
+    fill = lambda x: jnp.asarray(rng.normal(size=x.shape) * 1e-3, x.dtype) \
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x  # noqa: E731
+    state = {"params": params, "opt_state": jax.tree.map(fill, tx.init(params)), "rest": rest,
+             "step": jnp.zeros((), jnp.int32)}
+    n_params = sum(x.size for x in jax.tree.leaves(params))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    it = iter(grain.MapDataset.range(10).to_iter_dataset())
+    times = {"async_blocking": [], "async_total": [], "sync": [], "restore": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            ck = Checkpointer(os.path.join(tmp, f"a{r}"), async_save=True, log=lambda *_: None)
+            t0 = time.perf_counter()
+            ck.save(1, state, it, {"config": cfg.to_dict()})
+            t1 = time.perf_counter()
+            ck.wait()
+            t2 = time.perf_counter()
+            ck.close()
+            times["async_blocking"].append(t1 - t0)
+            times["async_total"].append(t2 - t0)
+            ck = Checkpointer(os.path.join(tmp, f"s{r}"), async_save=False, log=lambda *_: None)
+            t0 = time.perf_counter()
+            ck.save(1, state, it, {"config": cfg.to_dict()})
+            times["sync"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            restored, _ = ck.restore(_abstract(state), it)
+            jax.block_until_ready(restored)
+            times["restore"].append(time.perf_counter() - t0)
+            ck.close()
+        step_dir = os.path.join(tmp, "s0", "1")
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(step_dir) for f in fs)
+    print(f"config {args.config}: {n_params / 1e6:.2f}M parameters, train state {state_bytes / 1e6:.1f} MB in memory")
+    print(f"checkpoint on disk: {size / 1e6:.1f} MB")
+    for k, v in times.items():
+        print(f"{k:>15}: {statistics.median(v):.3f} s (median of {len(v)})")
+    print(f"device: {jax.devices()[0].platform}, jax {jax.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
