@@ -141,15 +141,18 @@ class MoE(nnx.Module):
         self.capacity_factor = capacity_factor
         self.dtype = dtype
 
-    def __call__(self, x_BTD):
-        """Returns (y_BTD, aux) with aux = {'load': tokens per expert [E], 'balance_loss'}."""
+    def __call__(self, x_BTD, *, dispatch: str | None = None):
+        """Returns (y_BTD, aux) with aux = {'load': tokens per expert [E], 'balance_loss'}.
+
+        ``dispatch`` overrides ``moe.dispatch`` (generation passes 'dropless').
+        """
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         idx, w, s = route(x_ND, self.w_router_DE[...], self.bias_E[...], **self.route_kw)
         dt = self.dtype
         weights = (self.w_gate_EDF[...].astype(dt), self.w_up_EDF[...].astype(dt),
                    self.w_down_EFD[...].astype(dt))
-        dispatch = self.dispatch
+        dispatch = dispatch or self.dispatch
         if dispatch == "auto":
             dispatch = "capacity" if jax.default_backend() == "cpu" else "dropless"
         if dispatch == "dropless":

@@ -11,7 +11,7 @@ from flax import nnx
 from mlalm.config import Config, ConfigError
 from mlalm.model.attention import make_attention
 from mlalm.model.layers import DTYPES, RMSNorm, SwiGLU, param, rope_tables
-from mlalm.model.moe import MoE, balance_bias_update, dispatch_dropless, route
+from mlalm.model.moe import MoE, balance_bias_update
 
 
 class Block(nnx.Module):
@@ -59,15 +59,7 @@ class Block(nnx.Module):
         h = self.ffn_norm(x_BTD)
         if not self.is_moe:
             return x_BTD + self.ffn(h), cache
-        moe, (B, T, D) = self.ffn, h.shape
-        h_ND = h.reshape(B * T, D)
-        idx, w, _ = route(h_ND, moe.w_router_DE[...], moe.bias_E[...], **moe.route_kw)
-        dt = moe.dtype
-        y = dispatch_dropless(h_ND, idx, w, moe.w_gate_EDF[...].astype(dt),
-                              moe.w_up_EDF[...].astype(dt), moe.w_down_EFD[...].astype(dt))
-        y = y.reshape(B, T, D)
-        if moe.shared is not None:
-            y = y + moe.shared(h)
+        y, _ = self.ffn(h, dispatch="dropless")
         return x_BTD + y, cache
 
 
