@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import replace
 
@@ -287,7 +288,8 @@ def find_checkpoint(path: str) -> str:
         problem = check_manifest(step_dir)
         if problem is None:
             return step_dir
-        print(f"warning: checkpoint {step_dir} is damaged ({problem}); using the previous one")
+        print(f"warning: checkpoint {step_dir} is damaged ({problem}); using the previous one",
+              file=sys.stderr)
     raise CheckpointError(f"{path} holds no checkpoint (expected a run directory with checkpoints/, "
                           f"a checkpoint step directory, or an exported params directory)")
 
@@ -355,6 +357,7 @@ def load_params(path: str, *, dtype: str | None = None, dispatch: str | None = "
         tx, _ = build_optimizer(cfg, cfg.train.steps)
         target = {"params": params, "opt_state": jax.eval_shape(tx.init, params), "rest": rest,
                   "step": jax.ShapeDtypeStruct((), np.int32)}
+    check_fits(item_dir, {"params": params, "rest": rest})
     try:
         ck = ocp.StandardCheckpointer()
         restored = ck.restore(os.path.abspath(item_dir), _abstract(target))
@@ -365,6 +368,43 @@ def load_params(path: str, *, dtype: str | None = None, dispatch: str | None = "
     if dtype:
         p = jax.tree.map(lambda x: x.astype(dtype) if np.issubdtype(x.dtype, np.floating) else x, p)
     return cfg, graphdef, p, r, ckpt_dir
+
+
+def _path_key(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def check_fits(item_dir: str, expected: dict) -> None:
+    """Raise CheckpointError naming the first array whose stored shape differs from the
+    model's (or that is missing), from Orbax's metadata alone -- before a restore that
+    would fail deep inside its readers."""
+    import logging
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        meta = ocp.StandardCheckpointer().metadata(os.path.abspath(item_dir))
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore will say why
+        return
+    finally:
+        absl.setLevel(level)
+    meta = getattr(meta, "item_metadata", meta)
+    meta = getattr(meta, "tree", meta)
+    stored = {f"{top}/{_path_key(p)}": tuple(x.shape) for top in expected if top in meta
+              for p, x in jax.tree_util.tree_flatten_with_path(meta[top])[0]}
+    for top, tree in expected.items():
+        for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            key, need = f"{top}/{_path_key(p)}", tuple(x.shape)
+            have = stored.pop(key, None)
+            if have is None:
+                raise CheckpointError(f"{item_dir} does not fit its config: {key} (shape {need}) "
+                                      f"is not in the checkpoint")
+            if have != need:
+                raise CheckpointError(f"{item_dir} does not fit its config: {key} has shape {have} "
+                                      f"in the checkpoint, the config's model needs {need}")
+    if stored:
+        raise CheckpointError(f"{item_dir} does not fit its config: the checkpoint has "
+                              f"{sorted(stored)[0]}, which the config's model does not")
 
 
 def _cast_abstract(tree, dtype):

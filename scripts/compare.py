@@ -12,7 +12,9 @@ seeds at that rate only.  Writes:
 
   OUT/results.csv   one row per run: varied keys, seed, lr, status (ok/diverged/failed),
                     final validation loss and perplexity, tokens and FLOPs to reach the
-                    target loss, tokens/s, peak memory (max RSS), KV-cache bytes per token
+                    target loss, tokens/s, peak memory (max RSS), KV-cache bytes per token,
+                    and eval.py's figures when the run directory has eval_<split>.json
+                    (perplexity, bits/byte, word perplexity, measured KV bytes/token)
   OUT/results.md    mean ± std over seeds per cell (best learning rate only), and the
                     tokens each cell needs to reach the reference cell's final loss
   OUT/loss_vs_tokens.png, OUT/loss_vs_time.png
@@ -111,9 +113,28 @@ def read_run(path: str) -> dict:
     if not os.path.isfile(summary_path):
         out["status"] = "diverged"
         return out
+    out.update(read_eval(path))
     s = json.load(open(summary_path))
     out.update(status="ok", final_val_loss=s["val_loss"], final_val_ppl=s["val_perplexity"],
                tokens_per_s=s["tokens_per_s"], tokens=cfg.train.steps * tokens_per_step)
+    return out
+
+
+EVAL_SPLITS = ("valid", "test")
+EVAL_FIGURES = (("perplexity", "perplexity (eval)"), ("bits_per_byte", "bits/byte"),
+                ("word_perplexity", "word perplexity"))
+
+
+def read_eval(path: str) -> dict:
+    """Figures of ``eval.py``'s ``eval_<split>.json`` files in a run directory, if any:
+    ``eval_<split>_<figure>`` and the measured KV-cache bytes per token (all layers)."""
+    out = {}
+    for split in EVAL_SPLITS:
+        p = os.path.join(path, f"eval_{split}.json")
+        if os.path.isfile(p):
+            e = json.load(open(p))
+            out.update({f"eval_{split}_{k}": e.get(k) for k, _ in EVAL_FIGURES})
+            out["kv_cache_measured_bytes_per_token"] = e["kv_cache"]["measured_bytes_per_token"]
     return out
 
 
@@ -150,7 +171,9 @@ def write_outputs(rows, keys, out, target):
         r["flops_to_target"] = reach * r["flops_per_token"] if reach is not None else None
     fields = keys + ["seed", "lr", "best_lr", "status", "final_val_loss", "final_val_ppl", "target_loss",
                      "tokens_to_target", "flops_to_target", "tokens_per_s", "peak_memory_bytes",
-                     "kv_cache_bytes_per_token", "run"]
+                     "kv_cache_bytes_per_token"]
+    fields += [f"eval_{sp}_{k}" for sp in EVAL_SPLITS for k, _ in EVAL_FIGURES]
+    fields += ["kv_cache_measured_bytes_per_token", "run"]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -165,9 +188,15 @@ def write_outputs(rows, keys, out, target):
             return f"{values[0]:.4f}"
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
+    # eval.py's figures, for the splits some run has an eval_<split>.json for
+    extra = [(f"eval_{sp}_{k}", f"{sp} {label}") for sp in EVAL_SPLITS
+             if any(f"eval_{sp}_perplexity" in r for r in rows) for k, label in EVAL_FIGURES]
+    if extra:
+        extra.append(("kv_cache_measured_bytes_per_token", "KV bytes/token measured"))
     lines = ["| " + " | ".join(keys) + " | lr | seeds | final val loss | perplexity | "
-             f"tokens to reach {'target' if target else 'reference'} loss | tokens/s | KV bytes/token | diverged |",
-             "|" + "---|" * (len(keys) + 8)]
+             f"tokens to reach {'target' if target else 'reference'} loss | tokens/s | KV bytes/token | "
+             + "".join(f"{label} | " for _, label in extra) + "diverged |",
+             "|" + "---|" * (len(keys) + 8 + len(extra))]
     # The reference cell reaches its own mean final loss at its full budget (by definition);
     # every other cell: mean over its seeds of the interpolated tokens, when all reach it.
     ref_ok = [r for r in cells.get(ref_key, []) if r.get("status") == "ok"]
@@ -184,7 +213,9 @@ def write_outputs(rows, keys, out, target):
         lines.append("| " + " | ".join(map(str, key)) + f" | {rs[0]['lr'] or 'config'} | {len(rs)} | "
                      f"{ms([r.get('final_val_loss') for r in ok])} | {ms([r.get('final_val_ppl') for r in ok])} | "
                      f"{reached} | {f'{statistics.mean(tps):,.0f}' if tps else '—'} | "
-                     f"{rs[0].get('kv_cache_bytes_per_token', '—')} | {len(rs) - len(ok)} |")
+                     f"{rs[0].get('kv_cache_bytes_per_token', '—')} | "
+                     + "".join(f"{ms([r.get(k) for r in ok])} | " for k, _ in extra)
+                     + f"{len(rs) - len(ok)} |")
     t = target if target is not None else ref_target
     header = [f"# Comparison ({time.strftime('%Y-%m-%d')})", "",
               f"Target loss: {t:.4f} ({'given' if target else 'the first cell' + chr(39) + 's mean final validation loss'})."

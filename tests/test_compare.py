@@ -49,3 +49,34 @@ def test_sweep_keeps_best_lr_and_reports_divergence(tmp_path):
     md = open(out / "results.md").read()
     assert "| 1e30 | — | diverged |" in md
     assert (out / "loss_vs_tokens.png").stat().st_size > 1000
+
+
+def test_eval_json_figures_become_columns(tmp_path):
+    """A run directory with eval.py's eval_valid.json: its figures reach results.csv/md."""
+    import json
+    from dataclasses import replace
+
+    from mlalm.config import Config, to_yaml
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = Config()
+    (run / "config.yaml").write_text(to_yaml(replace(cfg, model=replace(cfg.model, vocab_size=257))))
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 300, "val_loss": 1.5}) + "\n")
+    (run / "summary.json").write_text(json.dumps({"val_loss": 1.5, "val_perplexity": 4.48,
+                                                  "tokens_per_s": 1000.0}))
+    (run / "eval_valid.json").write_text(json.dumps({
+        "perplexity": 4.25, "bits_per_byte": 2.0625, "word_perplexity": 123.5,
+        "kv_cache": {"measured_bytes_per_token": 1536.0}}))
+    row = {"seed": 0, "lr": None, "run": "run", **compare.read_run(str(run))}
+    assert row["eval_valid_perplexity"] == 4.25 and row["eval_valid_bits_per_byte"] == 2.0625
+    assert row["eval_valid_word_perplexity"] == 123.5 and row["kv_cache_measured_bytes_per_token"] == 1536.0
+    assert "eval_test_perplexity" not in row
+    out = tmp_path / "out"
+    out.mkdir()
+    compare.write_outputs([row], [], str(out), None)
+    csv_row = next(csv.DictReader(open(out / "results.csv")))
+    assert csv_row["eval_valid_perplexity"] == "4.25" and csv_row["eval_test_perplexity"] == ""
+    assert csv_row["kv_cache_measured_bytes_per_token"] == "1536.0"
+    md = open(out / "results.md").read()
+    assert "valid perplexity (eval) | valid bits/byte | valid word perplexity | KV bytes/token measured |" in md
+    assert "| 4.2500 | 2.0625 | 123.5000 | 1536.0000 | 0 |" in md

@@ -1,0 +1,436 @@
+"""Evaluation of a checkpoint: perplexity, bits per byte, KV-cache footprint, decode speed.
+
+Quality is measured over the WHOLE split (or the first ``max_batches`` batches):
+
+* The split's token stream ``x_1 .. x_N`` (documents, each followed by the end-of-text
+  token, exactly as the trainer tokenizes them) is preceded by one end-of-text token
+  ``x_0`` -- the boundary the model saw before every document in training -- so that
+  every token of the split, the first one included, is predicted exactly once.
+* Windows of ``T + 1`` tokens (``T`` = the model's training length ``train.seq_len``)
+  start every ``T`` tokens: window k holds ``x_{kT} .. x_{kT+T}`` and scores the targets
+  ``x_{kT+1} .. x_{kT+T}``; consecutive windows share one token.  A target at offset j
+  of its window is predicted from the j tokens before it in that window (no context
+  is carried across windows).  The last window is shorter; it is padded and the padding
+  is not scored.
+* ``nll_sum = Σ_i -ln p(x_i | window context)`` over the N scored tokens (float32 per
+  token and per batch, summed in float64), ``loss = nll_sum / N``,
+  ``perplexity = exp(loss)``.
+* ``bits_per_byte = nll_sum / ln 2 / bytes`` where ``bytes`` is the UTF-8 byte count of
+  the text the scored tokens spell (end-of-text tokens spell nothing but are scored).
+  For the whole split that is the split's byte count; it is checked against the raw
+  files, so a tokenizer that does not reproduce the text byte for byte is an error.
+* ``word_perplexity = exp(nll_sum / (words + lines))``: whitespace-separated words plus
+  one end-of-line per line (a last line without ``\\n`` counts too), the WikiText
+  convention (WikiText-2 valid: 217,646).  Computed for every text; it is the standard
+  figure only for word-level corpora such as WikiText.
+
+The KV cache is sized from the formula (``kv_cache_bytes_per_token_per_layer``) and
+from the arrays ``init_cache`` actually allocates; the two must agree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from mlalm.errors import ConfigError, DataError
+
+WINDOW_SCHEME = ("one end-of-text token, then the split; windows of T+1 tokens every T tokens "
+                 "(consecutive windows share one token), so every token of the split is predicted "
+                 "exactly once, from the tokens before it in its window")
+DEFAULT_BUDGET = "1GiB"
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------
+
+def parse_bytes(text: str, *, key: str = "--memory-budget") -> int:
+    """``'8GiB'`` -> 8·2^30, ``'1.5GB'`` -> 1.5·10^9, ``'1000'`` -> 1000 (bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise ConfigError(f"{key}={text!r}: expected a positive size such as 1073741824, 512MiB, "
+                          f"8GiB or 1.5GB (units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def max_context(budget_bytes: int, bytes_per_token: int, batch: int = 1) -> int:
+    """Longest context whose KV cache (all layers, ``batch`` rows) fits ``budget_bytes``."""
+    return int(budget_bytes // (bytes_per_token * batch))
+
+
+def count_words_lines(data: bytes) -> tuple[int, int]:
+    """(whitespace-separated words, lines) of ``data`` (the WikiText word-count convention)."""
+    text = data.decode("utf-8", errors="replace")
+    return len(text.split()), text.count("\n") + (1 if text and not text.endswith("\n") else 0)
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (what ``tokenizers``' ByteLevel uses): char -> byte."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs, n = list(bs), 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def token_byte_table(tokenizer) -> list[bytes]:
+    """The bytes each token id spells (special tokens such as end-of-text: ``b''``)."""
+    if tokenizer.name == "byte":
+        return [bytes([i]) for i in range(256)] + [b""] * (tokenizer.vocab_size - 256)
+    tok = tokenizer.tok
+    special = set(tok.get_added_tokens_decoder())
+    chars = _byte_level_chars()
+    table = []
+    for i in range(tokenizer.vocab_size):
+        s = tok.id_to_token(i)
+        if i in special or s is None:
+            table.append(b"")
+        else:
+            table.append(bytes(chars[c] for c in s) if all(c in chars for c in s) else s.encode())
+    return table
+
+
+def spelled_documents(ids: np.ndarray, tokenizer) -> list[bytes]:
+    """The text of a token stream, one bytes object per end-of-text-separated piece."""
+    table = token_byte_table(tokenizer)
+    cuts = np.flatnonzero(np.asarray(ids) == tokenizer.eos_id)
+    pieces, start = [], 0
+    for end in [*cuts.tolist(), len(ids)]:
+        if end > start:
+            pieces.append(b"".join(table[i] for i in np.asarray(ids[start:end]).tolist()))
+        start = end + 1
+    return pieces
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+
+def split_documents_of(cfg, split: str, data: str | None = None):
+    """(documents, description) to evaluate: ``data`` (a file or directory) when given,
+    else the checkpoint config's validation or test split, chosen as the trainer did."""
+    from mlalm.data.sources import load_splits, read_documents
+    d = cfg.data
+    if data is not None:
+        return read_documents(data, d.text_key, key="--data"), data
+    if split == "test":
+        if not d.test_path:
+            raise DataError("the checkpoint's config has no data.test_path; give --data PATH "
+                            "to evaluate a test file")
+        return read_documents(d.test_path, d.text_key, key="data.test_path"), d.test_path
+    if split != "valid":
+        raise ConfigError(f"--split={split!r}: expected 'valid' or 'test'")
+    try:
+        docs = load_splits(d.path, d.val_path, d.val_fraction, d.text_key)[1]
+    except DataError as e:
+        raise DataError(f"{e} (from the checkpoint's config; give --data PATH instead)") from None
+    where = d.val_path or f"validation part (data.val_fraction={d.val_fraction:g}) of " \
+                          f"{d.path or 'the built-in corpus'}"
+    return docs, where
+
+
+def check_readable(docs, tokenizer) -> None:
+    """BPE reads UTF-8 text only (the byte tokenizer takes any bytes): name the first
+    document that is not valid UTF-8."""
+    if tokenizer.name == "byte":
+        return
+    for name, data in docs:
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{name}: not UTF-8 text (invalid byte at offset {e.start}); the "
+                            f"checkpoint's BPE tokenizer reads UTF-8 text only") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Quality
+# ---------------------------------------------------------------------------------------
+
+def window_batches(stream: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0):
+    """Batches over ``stream`` (x_0 .. x_N) in the scheme of the module docstring.
+
+    Yields:
+        (inputs_BT int32, targets_BT int32, weights_BT float32: 1 where scored), each
+        [batch_size, seq_len]; rows past the last window are all padding.
+    """
+    T, N = seq_len, len(stream) - 1
+    starts = list(range(0, N, T))
+    if max_batches:
+        starts = starts[:max_batches * batch_size]
+    for i in range(0, len(starts), batch_size):
+        x = np.zeros((batch_size, T), np.int32)
+        y = np.zeros((batch_size, T), np.int32)
+        w = np.zeros((batch_size, T), np.float32)
+        for r, s in enumerate(starts[i:i + batch_size]):
+            n = min(T, N - s)  # targets x_{s+1} .. x_{s+n}
+            x[r, :n] = stream[s:s + n]
+            y[r, :n] = stream[s + 1:s + n + 1]
+            w[r, :n] = 1.0
+        yield x, y, w
+
+
+def _nll_step(model):
+    """jit of ``(state, x_BT, y_BT, w_BT) -> Σ w·(-log softmax(logits)[y])`` (float32)."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def step(state, x_BT, y_BT, w_BT):
+        logits_BTV = nnx.merge(graphdef, state)(x_BT).astype(jnp.float32)
+        nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, y_BT)
+        return jnp.sum(nll_BT * w_BT)
+    return step, state
+
+
+def token_nll(model, tokens: np.ndarray, *, eos_id: int, seq_len: int, batch_size: int,
+              max_batches: int = 0, progress=None) -> tuple[float, int]:
+    """(Σ NLL in nats, number of scored tokens) of ``tokens`` (the split, 1-D), the
+    stream preceded by ``eos_id``.  ``progress(done, total)`` is called after each batch."""
+    stream = np.concatenate([[eos_id], np.asarray(tokens, np.int64)]).astype(np.int32)
+    step, state = _nll_step(model)
+    n_windows = -(-(len(stream) - 1) // seq_len)
+    total = -(-n_windows // batch_size)
+    if max_batches:
+        total = min(total, max_batches)
+    nll, scored = 0.0, 0
+    for i, (x, y, w) in enumerate(window_batches(stream, seq_len=seq_len, batch_size=batch_size,
+                                                 max_batches=max_batches)):
+        nll += float(step(state, x, y, w))
+        scored += int(w.sum())
+        if progress:
+            progress(i + 1, total)
+    return nll, scored
+
+
+def quality(model, tokenizer, docs, *, seq_len: int, batch_size: int, max_batches: int = 0,
+            cache_dir: str | None = None, progress=None) -> dict:
+    """Perplexity, bits per byte and word perplexity of ``docs`` ((name, bytes) list)."""
+    from mlalm.data.pipeline import cached_tokens, default_cache_dir
+    check_readable(docs, tokenizer)
+    tokens = cached_tokens(tokenizer, docs, cache_dir or default_cache_dir())
+    nll, n = token_nll(model, tokens, eos_id=tokenizer.eos_id, seq_len=seq_len,
+                       batch_size=batch_size, max_batches=max_batches, progress=progress)
+    pieces = spelled_documents(tokens[:n], tokenizer)  # the text the scored tokens spell
+    n_bytes = sum(len(p) for p in pieces)
+    if n == len(tokens) and n_bytes != sum(len(d) for _, d in docs):
+        raise DataError(f"the tokenizer does not reproduce the text byte for byte ({n_bytes} bytes "
+                        f"from its tokens, {sum(len(d) for _, d in docs)} in the files; e.g. the text "
+                        f"contains the special token text '<|endoftext|>'): bits per byte would be wrong")
+    words = lines = 0
+    for p in pieces:
+        w, l = count_words_lines(p)
+        words, lines = words + w, lines + l
+    return {"tokens": n, "split_tokens": int(len(tokens)), "whole_split": n == len(tokens),
+            "nll_sum": nll, "loss": nll / n, "perplexity": math.exp(min(nll / n, 700)),
+            "bytes": n_bytes, "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+            "words": words, "lines": lines,
+            "word_perplexity": math.exp(min(nll / max(words + lines, 1), 700)),
+            "seq_len": seq_len, "windows": -(-n // seq_len), "window_scheme": WINDOW_SCHEME}
+
+
+# ---------------------------------------------------------------------------------------
+# KV cache
+# ---------------------------------------------------------------------------------------
+
+def kv_cache_report(model, cfg, *, batch: int, context: int, budget_bytes: int,
+                    budget_batch: int = 1) -> dict:
+    """Formula and allocated KV-cache sizes, and the longest context a budget holds.
+
+    ``measured_bytes_per_token`` is ``cache_bytes(init_cache(model, batch, context))``
+    / (batch·context); ``agrees`` says whether it equals the formula's all-layer figure.
+    The budget covers the cache only (parameters and activations not subtracted).
+    """
+    from mlalm.generate import cache_bytes, init_cache
+    from mlalm.model import kv_cache_bytes_per_token_per_layer
+    L = cfg.model.n_layers
+    per_layer = kv_cache_bytes_per_token_per_layer(cfg)
+    naive_per_layer = kv_cache_bytes_per_token_per_layer(cfg, absorbed=False)
+    measured = cache_bytes(init_cache(model, batch, context))
+    naive = cache_bytes(jax.eval_shape(lambda: init_cache(model, batch, context, absorbed=False)))
+    n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    return {"kind": cfg.attention.kind, "dtype": cfg.model.dtype, "n_layers": L,
+            "bytes_per_token_per_layer": per_layer, "bytes_per_token": per_layer * L,
+            "measured_bytes": measured, "measured_batch": batch, "measured_context": context,
+            "measured_bytes_per_token": measured / (batch * context),
+            "agrees": measured == per_layer * L * batch * context,
+            "naive_bytes_per_token": naive_per_layer * L,
+            "naive_measured_bytes_per_token": naive / (batch * context),
+            "memory_budget": budget_bytes, "budget_batch": budget_batch,
+            "max_context_for_budget": max_context(budget_bytes, per_layer * L, budget_batch),
+            "budget_counts": "KV cache only (parameters and activations not subtracted)",
+            "params": int(n_params), "param_bytes": int(param_bytes)}
+
+
+# ---------------------------------------------------------------------------------------
+# The whole evaluation
+# ---------------------------------------------------------------------------------------
+
+def _step_of(ckpt_dir: str):
+    meta = os.path.join(ckpt_dir, "meta", "metadata")
+    if os.path.isfile(meta):
+        with open(meta) as f:
+            return int(json.load(f)["step"])
+    return None
+
+
+def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None = None,
+                        batch_size: int | None = None, max_batches: int = 0,
+                        decode_batch: int = 8, decode_context: int | None = None,
+                        memory_budget: int = 2**30, decode: bool = True, log=None) -> dict:
+    """Everything ``eval.py`` reports, as one JSON-ready dict (see the module docstring).
+
+    Args:
+        path: a run directory, step directory or params export (``load_for_inference``).
+        data: a text file or directory to evaluate instead of the config's split.
+        split: 'valid' or 'test' (the config's); with ``data``, only a label (default 'data').
+        batch_size: windows per batch (default train.batch_size); max_batches: 0 = all.
+        decode_batch, decode_context: where the cache is measured and decode timed
+            (context default min(1024, model.max_seq_len)).
+        memory_budget: bytes for the longest-context figure (batch 1, cache only).
+        log: ``log(str)`` for progress (stderr in the command line).
+    Raises:
+        CheckpointError, DataError, ConfigError: with a one-line message.
+    """
+    from mlalm.checkpoint import find_checkpoint, load_for_inference
+    from mlalm.data.pipeline import default_cache_dir
+    from mlalm.errors import CheckpointError
+    log = log or (lambda text, transient=False: None)
+    for name, v in (("--batch-size", batch_size), ("--decode-batch", decode_batch),
+                    ("--decode-context", decode_context)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{name}={v}: must be >= 1")
+    if max_batches < 0:
+        raise ConfigError(f"--max-batches={max_batches}: must be >= 0 (0: the whole split)")
+    ckpt_dir = find_checkpoint(path)
+    model, cfg, tokenizer = load_for_inference(ckpt_dir)  # dropless MoE routing
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise CheckpointError(f"{ckpt_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the "
+                              f"model's model.vocab_size is {cfg.model.vocab_size}")
+    label = split or ("data" if data else "valid")
+    docs, where = split_documents_of(cfg, split or "valid", data)
+    T, B = cfg.train.seq_len, batch_size or cfg.train.batch_size
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+        log(f"eval {label}: batch {done}/{total} ({time.perf_counter() - t0:.0f}s)",
+            transient=done < total)
+
+    report = {"checkpoint": os.path.abspath(ckpt_dir), "step": _step_of(ckpt_dir), "split": label,
+              "data": where, "documents": len(docs), "tokenizer": tokenizer.name, "batch_size": B}
+    report.update(quality(model, tokenizer, docs, seq_len=T, batch_size=B, max_batches=max_batches,
+                          cache_dir=cfg.data.cache_dir or default_cache_dir(), progress=progress))
+    report["eval_seconds"] = time.perf_counter() - t0
+    N = decode_context or min(1024, cfg.model.max_seq_len)
+    report["kv_cache"] = kv_cache_report(model, cfg, batch=decode_batch, context=N,
+                                         budget_bytes=memory_budget)
+    if not report["kv_cache"]["agrees"]:
+        log(f"warning: the allocated KV cache ({report['kv_cache']['measured_bytes_per_token']:g} "
+            f"bytes/token) differs from the formula ({report['kv_cache']['bytes_per_token']} bytes/token)")
+    report["decode"] = None
+    if decode:
+        log(f"decode: batch {decode_batch}, context {N} ...")
+        from mlalm.generate import measure_decode
+        d = measure_decode(model, batch=decode_batch, context=N)
+        report["decode"] = {k: d[k] for k in ("tokens_per_s", "ms_per_step", "batch", "context",
+                                              "new_tokens", "absorbed")}
+    return report
+
+
+def is_run_dir(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "checkpoints"))
+
+
+def write_run_outputs(run_dir: str, report: dict) -> str:
+    """``eval_<split>.json`` and TensorBoard scalars ``eval/<split>/...`` at the checkpoint's
+    step in ``run_dir``; returns the JSON's path."""
+    from tensorboardX import SummaryWriter
+    split, step = report["split"], report["step"] or 0
+    path = os.path.join(run_dir, f"eval_{split}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(path + ".tmp", path)
+    scalars = {k: report[k] for k in ("loss", "perplexity", "bits_per_byte", "word_perplexity")}
+    scalars["kv_bytes_per_token"] = report["kv_cache"]["measured_bytes_per_token"]
+    if report["decode"]:
+        scalars["decode_tokens_per_s"] = report["decode"]["tokens_per_s"]
+    with SummaryWriter(run_dir) as tb:
+        for k, v in scalars.items():
+            tb.add_scalar(f"eval/{split}/{k}", v, step)
+    return path
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+
+
+def format_table(r: dict) -> str:
+    """The report as a two-column table for the terminal."""
+    kv, d = r["kv_cache"], r["decode"]
+    kind = "MLA latent (c_kv + k_pe, absorbed)" if kv["kind"] == "mla" else kv["kind"].upper()
+    cover = "whole split" if r["whole_split"] else f"first {r['tokens']:,} of {r['split_tokens']:,} tokens"
+    rows = [
+        ("checkpoint", f"{r['checkpoint']} (step {r['step'] if r['step'] is not None else '?'})"),
+        ("data", f"{r['split']}: {r['data']} ({r['documents']} document{'s' * (r['documents'] != 1)}, "
+                 f"{r['tokenizer']} tokenizer)"),
+        ("windows", f"{r['windows']:,} of T+1 = {r['seq_len'] + 1} tokens every T = {r['seq_len']} "
+                    f"after one end-of-text token: each token predicted once, from its window"),
+        ("tokens scored", f"{r['tokens']:,} ({cover})"),
+        ("loss", f"{r['loss']:.4f} nats/token (NLL sum {r['nll_sum']:,.1f})"),
+        ("perplexity", f"{r['perplexity']:.3f} (per token)"),
+        ("bits per byte", f"{r['bits_per_byte']:.4f} ({r['bytes']:,} UTF-8 bytes)"),
+        ("word perplexity", f"{r['word_perplexity']:.2f} ({r['words']:,} words + {r['lines']:,} "
+                            f"end-of-lines; the standard figure for word-level text such as WikiText)"),
+        ("KV cache", f"{kind}, {kv['dtype']}: {kv['bytes_per_token_per_layer']:,} B/token/layer, "
+                     f"{kv['bytes_per_token']:,} B/token ({kv['n_layers']} layers, formula)"),
+        ("  allocated", f"{_size(kv['measured_bytes'])} at batch {kv['measured_batch']} x context "
+                        f"{kv['measured_context']:,} = {kv['measured_bytes_per_token']:,.0f} B/token "
+                        f"({'agrees with the formula' if kv['agrees'] else 'DIFFERS FROM THE FORMULA'})"),
+    ]
+    if kv["kind"] == "mla":
+        rows.append(("  naive (expanded)", f"{kv['naive_bytes_per_token']:,} B/token without absorption "
+                                           f"({kv['naive_bytes_per_token'] / kv['bytes_per_token']:.1f}x the latent)"))
+    rows.append((f"  fits {_size(kv['memory_budget'])}",
+                 f"{kv['max_context_for_budget']:,} tokens of context at batch {kv['budget_batch']} "
+                 f"(KV cache only; parameters ({_size(kv['param_bytes'])}) and activations "
+                 f"not subtracted)"))
+    if d:
+        rows.append(("decode", f"{d['tokens_per_s']:,.1f} tokens/s at batch {d['batch']}, context "
+                               f"{d['context']:,} ({d['ms_per_step']:.2f} ms/step, {d['new_tokens']} steps)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def stderr_progress():
+    """``log(text, transient=False)`` on stderr; transient lines (progress) rewrite one
+    line on a terminal and are printed at most every 10 s otherwise."""
+    tty, last = sys.stderr.isatty(), [-1e9]
+
+    def log(text, transient=False):
+        now = time.perf_counter()
+        if tty:
+            sys.stderr.write("\r" + text.ljust(79) + ("" if transient else "\n"))
+        elif not transient or now - last[0] >= 10:
+            sys.stderr.write(text + "\n")
+            last[0] = now
+        sys.stderr.flush()
+    return log
