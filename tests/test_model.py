@@ -785,3 +785,27 @@ def test_bfloat16_compute_close_to_float32():
     err = np.abs(l16 - l32).max()
     assert err > 0  # bfloat16 really was used
     assert err <= 5e-2 * max(1.0, np.abs(l32).max()), err
+
+
+# ---------------------------------------------------------------------------------------
+# Causal query blocks (the default for T >= 128) against a float64 softmax
+# ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("N,K,blocks", [(4, 4, 4), (4, 2, 4), (4, 1, 2), (2, 2, 8)])
+def test_attention_core_query_blocks_match_float64(N, K, blocks):
+    from mlalm.model.attention import attention_core
+    B, T, H, G = 2, 128, 8, 6
+    r = np.random.default_rng(0)
+    q, k, v = r.normal(size=(B, T, N, H)), r.normal(size=(B, T, K, H)), r.normal(size=(B, T, K, G))
+    scale = H ** -0.5
+    kk, vv = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, kk) * scale
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bnts,bsng->btng", p, vv)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    for nb in (blocks, 1, None):
+        o, m = attention_core(*args, scale=scale, q_blocks=nb)
+        close(o, want, rtol=2e-5)
+        close(m, s.max(axis=(0, 2, 3)), rtol=2e-5)

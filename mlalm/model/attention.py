@@ -23,30 +23,58 @@ from flax import nnx
 from mlalm.model.layers import RMSNorm, apply_rope, param
 
 
+def _core(q_BTNH, k_BSKH, v_BSKG, scale, causal, q_offset):
+    B, T, N, H = q_BTNH.shape
+    K, S = k_BSKH.shape[2], k_BSKH.shape[1]
+    if K == N:  # MHA/MLA: plain 4-D einsums (measured faster on CPU than a size-1 group axis)
+        s = jnp.einsum("BTNH,BSNH->BNTS", q_BTNH, k_BSKH, preferred_element_type=jnp.float32) * scale
+    else:
+        q = q_BTNH.reshape(B, T, K, N // K, H)
+        s = jnp.einsum("BTKgH,BSKH->BKgTS", q, k_BSKH, preferred_element_type=jnp.float32) * scale
+        s = s.reshape(B, N, T, S)
+    if causal:
+        mask = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :]
+        s = jnp.where(mask, s, -jnp.inf)
+    max_logit_N = jax.lax.stop_gradient(jnp.max(s, axis=(0, 2, 3)))
+    p = jax.nn.softmax(s, axis=-1).astype(v_BSKG.dtype)
+    if K == N:
+        return jnp.einsum("BNTS,BSNG->BTNG", p, v_BSKG), max_logit_N
+    o = jnp.einsum("BKgTS,BSKG->BTKgG", p.reshape(B, K, N // K, T, S), v_BSKG)
+    return o.reshape(B, T, N, v_BSKG.shape[-1]), max_logit_N
+
+
 def attention_core(q_BTNH, k_BSKH, v_BSKG, *, scale: float, causal: bool = True,
-                   q_offset: int = 0):
+                   q_offset: int = 0, q_blocks: int | None = None):
     """softmax(q kᵀ · scale) v with K kv heads shared by N/K query heads each.
 
     Scores, mask and softmax in float32; the head grouping is a reshape, so GQA/MQA never
     materialise repeated keys.  ``q_offset`` is the position of the first query relative
     to the first key (for decoding with a cache).
 
+    Causal self-attention (T = S, no offset) is computed in ``q_blocks`` query blocks
+    (default 4 when T is a multiple of 4 and at least 128): block i only multiplies the
+    keys of blocks <= i, which skips 3/8 of the QK and PV products and of the softmax.
+    Measured on a 2-core CPU: 2.3x faster forward + backward at T = 256 (scripts/bench.py).
+
     Returns:
         o_BTNG in the dtype of v, and each query head's largest scaled logit [N]
         (over batch and positions, unmasked entries only; what QK-clip watches).
     """
-    B, T, N, H = q_BTNH.shape
-    K = k_BSKH.shape[2]
-    S = k_BSKH.shape[1]
-    q = q_BTNH.reshape(B, T, K, N // K, H)
-    s = jnp.einsum("BTKgH,BSKH->BKgTS", q, k_BSKH, preferred_element_type=jnp.float32) * scale
-    if causal:
-        mask = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :]
-        s = jnp.where(mask, s, -jnp.inf)
-    max_logit_N = jax.lax.stop_gradient(jnp.max(s, axis=(0, 3, 4))).reshape(N)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("BKgTS,BSKG->BTKgG", p.astype(v_BSKG.dtype), v_BSKG)
-    return o.reshape(B, T, N, v_BSKG.shape[-1]), max_logit_N
+    T, S = q_BTNH.shape[1], k_BSKH.shape[1]
+    if q_blocks is None:
+        q_blocks = 4 if causal and T == S and q_offset == 0 and T % 4 == 0 and T >= 128 else 1
+    if q_blocks == 1:
+        return _core(q_BTNH, k_BSKH, v_BSKG, scale, causal, q_offset)
+    if not (causal and T == S and q_offset == 0 and T % q_blocks == 0):
+        raise ValueError(f"q_blocks={q_blocks} needs causal self-attention with T={T} a multiple of it")
+    c = T // q_blocks
+    outs, maxes = [], []
+    for i in range(q_blocks):  # query block i sees keys [0, (i + 1) c)
+        o, m = _core(q_BTNH[:, i * c:(i + 1) * c], k_BSKH[:, :(i + 1) * c], v_BSKG[:, :(i + 1) * c],
+                     scale, True, i * c)
+        outs.append(o)
+        maxes.append(m)
+    return jnp.concatenate(outs, axis=1), jnp.max(jnp.stack(maxes), axis=0)
 
 
 def core_attention(impl: str, q, k, v, *, scale: float):
