@@ -109,7 +109,7 @@ def check_manifest(step_dir: str) -> str | None:
 # The manager
 # ---------------------------------------------------------------------------------------
 
-def _abstract(tree, shardings=None):
+def abstract_arrays(tree, shardings=None):
     """ShapeDtypeStructs (with shardings when given) that tell Orbax what to restore into."""
     if shardings is None:
         dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -360,7 +360,7 @@ def load_params(path: str, *, dtype: str | None = None, dispatch: str | None = "
     check_fits(item_dir, {"params": params, "rest": rest})
     try:
         ck = ocp.StandardCheckpointer()
-        restored = ck.restore(os.path.abspath(item_dir), _abstract(target))
+        restored = ck.restore(os.path.abspath(item_dir), abstract_arrays(target))
     except Exception as e:  # noqa: BLE001
         raise CheckpointError(f"cannot restore {item_dir} into the model its config describes: "
                               f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None

@@ -29,7 +29,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mlalm.checkpoint import Checkpointer, find_checkpoint, _abstract
+from mlalm.checkpoint import Checkpointer, abstract_arrays, find_checkpoint
 from mlalm.config import Config, to_yaml
 from mlalm.data import Windows, eval_batches, load_corpus, train_dataset
 from mlalm.errors import CheckpointError, ConfigError
@@ -364,9 +364,10 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> dict:
             Checkpointer(resume_dir, keep=ck.keep, keep_best=ck.keep_best, async_save=False, log=log)
         steps = source.steps()
         if steps:
-            saved = json.load(open(os.path.join(resume_dir, str(steps[-1]), "meta", "metadata")))
+            with open(os.path.join(resume_dir, str(steps[-1]), "meta", "metadata")) as f:
+                saved = json.load(f)
             _check_compatible(cfg, saved["config"], f"checkpoint {resume_dir}/{steps[-1]}")
-        restored = source.restore(_abstract(state, placement.state_sh), it)
+        restored = source.restore(abstract_arrays(state, placement.state_sh), it)
         if restored is not None:
             state, meta = restored
             start_step, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))

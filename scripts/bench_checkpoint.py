@@ -32,7 +32,7 @@ def main(argv=None) -> int:
     import numpy as np
     from flax import nnx
 
-    from mlalm.checkpoint import Checkpointer, _abstract
+    from mlalm.checkpoint import Checkpointer, abstract_arrays
     from mlalm.config import load_config
     from mlalm.model import Transformer
     from mlalm.optim import build_optimizer
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
             ck.save(1, state, it, {"config": cfg.to_dict()})
             times["sync"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            restored, _ = ck.restore(_abstract(state), it)
+            restored, _ = ck.restore(abstract_arrays(state), it)
             jax.block_until_ready(restored)
             times["restore"].append(time.perf_counter() - t0)
             ck.close()
