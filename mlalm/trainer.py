@@ -8,7 +8,11 @@ the non-trainable model variables (the MoE balancing biases).  The step:
      ``optim.qk_clip_tau`` is set (each layer's largest logit per head is logged always);
   4. if the loss or gradient norm is not finite, the old state is kept (skip), and the
      host stops the run unless ``train.on_nonfinite: skip``.
-The host reads each step's metrics one step late, so it never waits on the device.
+The host reads each step's metrics one step late, so it never waits on the device
+(multi-process runs add one scalar all-gather per step: agreeing to stop on SIGTERM).
+
+Checkpoints (``mlalm.checkpoint``) are written every ``checkpoint.every`` steps and at the
+end; ``train.resume`` picks up the newest complete one, and SIGTERM/SIGINT save and stop.
 """
 
 from __future__ import annotations
