@@ -132,7 +132,7 @@ class Checkpointer:
 
     Args:
         directory: the run's ``checkpoints/`` directory (created on first save).
-        every, keep, keep_best, async_save: as in ``CheckpointConfig``.
+        keep, keep_best, async_save: as in ``CheckpointConfig``.
         log: where warnings go (the trainer's console logger).
     """
 

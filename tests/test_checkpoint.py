@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from mlalm.checkpoint import Checkpointer, load_for_inference
-from mlalm.errors import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["model.d_model=48", "model.n_layers=2", "model.ffn_dim=96", "model.max_seq_len=64",
