@@ -122,6 +122,7 @@ class TrainConfig:
     batch_size: int = 16
     seq_len: int = 128
     grad_accum: int = 1
+    loss_chunk: int = 256  # tokens per chunk of the fused LM head + loss (0: plain logits)
     seed: int = 0
     run_dir: str = "runs"
     name: Optional[str] = None  # None: derived from the config file name
@@ -468,6 +469,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size < 260:
         raise ConfigError("data.bpe_vocab_size must be at least 260 (256 bytes + specials)")
+    if t.loss_chunk < 0:
+        raise ConfigError(f"train.loss_chunk must be >= 0 (0: plain logits), got {t.loss_chunk}")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
                           f"{cfg.checkpoint.every} and {cfg.checkpoint.keep}")

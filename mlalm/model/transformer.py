@@ -10,7 +10,7 @@ from flax import nnx
 
 from mlalm.config import Config, ConfigError
 from mlalm.model.attention import make_attention
-from mlalm.model.layers import DTYPES, RMSNorm, SwiGLU, param, rope_tables
+from mlalm.model.layers import DTYPES, RMSNorm, SwiGLU, linear, param, rope_tables
 from mlalm.model.moe import MoE, balance_bias_update
 
 
@@ -90,6 +90,13 @@ class Transformer(nnx.Module):
         self.rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
 
     def __call__(self, tokens_BT, *, positions_BT=None, return_aux: bool = False):
+        h, aux = self.hidden(tokens_BT, positions_BT=positions_BT)
+        logits = self.logits(h)
+        return (logits, aux) if return_aux else logits
+
+    def hidden(self, tokens_BT, *, positions_BT=None):
+        """(h_BTD after the final norm, aux) -- what :meth:`logits` or the fused loss
+        (``mlalm.model.loss``) turn into logits."""
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -102,13 +109,10 @@ class Transformer(nnx.Module):
             if aux is not None:
                 loads.append(aux["load"])
                 balance = balance + aux["balance_loss"]
-        logits = self.logits(self.final_norm(x))
-        if not return_aux:
-            return logits
         E = max(self.cfg.moe.n_routed_experts, 1)
         load = jnp.stack(loads) if loads else jnp.zeros((0, E), jnp.float32)
-        return logits, {"expert_load": load, "balance_loss": balance,
-                        "attn_max_logit": jnp.stack(max_logits)}
+        return self.final_norm(x), {"expert_load": load, "balance_loss": balance,
+                                    "attn_max_logit": jnp.stack(max_logits)}
 
     def init_cache_layers(self, batch: int, max_len: int, dtype, *, absorbed: bool = True) -> list:
         """One zeroed cache dict per layer (layouts in ``mlalm.model.attention``)."""
@@ -132,13 +136,15 @@ class Transformer(nnx.Module):
             new.append(cache)
         return self.final_norm(x), new
 
-    def logits(self, h_BTD):
-        """LM head in float32 accumulation (tied: the embedding's transpose)."""
+    def head_weight(self):
+        """The LM head w_DV in the compute dtype (tied: the embedding's transpose)."""
         if self.cfg.model.tie_embeddings:
-            w = self.embed_VD[...].astype(self.dtype)
-            return jnp.einsum("BTD,VD->BTV", h_BTD, w, preferred_element_type=jnp.float32)
-        w = self.head_DV[...].astype(self.dtype)
-        return jnp.einsum("BTD,DV->BTV", h_BTD, w, preferred_element_type=jnp.float32)
+            return self.embed_VD[...].astype(self.dtype).T
+        return self.head_DV[...].astype(self.dtype)
+
+    def logits(self, h_BTD):
+        """LM head in float32 accumulation."""
+        return linear(h_BTD, self.head_weight(), preferred_element_type=jnp.float32)
 
     def apply_qk_clip(self, max_logit_LN, tau: float) -> None:
         """QK-clip (MuonClip, Kimi K2): where a head's largest logit exceeds tau, shrink its
