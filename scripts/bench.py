@@ -355,19 +355,6 @@ def worker_decode(spec: dict) -> dict:
 
 
 # einsum strings used by mlalm.model -> the part of the model they belong to
-_EINSUM_PARTS = {
-    "BTD,DV->BTV": "LM head", "BTD,VD->BTV": "LM head",
-    "BTD,DQ->BTQ": "attention projections", "BTQ,QNH->BTNH": "attention projections",
-    "BTD,DNH->BTNH": "attention projections", "BTD,DR->BTR": "attention projections",
-    "BSR,RNH->BSNH": "attention projections", "BTNG,NGD->BTD": "attention projections",
-    "BTD,DKH->BTKH": "attention projections",
-    "BTKgH,BSKH->BKgTS": "attention products", "BKgTS,BSKG->BTKgG": "attention products",
-    "BTNH,BSNH->BNTS": "attention products", "BNTS,BSNG->BTNG": "attention products",
-    "ECD,EDF->ECF": "routed experts", "ECF,EFD->ECD": "routed experts",
-    "ND,DE->NE": "router", "...D,DF->...F": "dense/shared SwiGLU", "...F,FD->...D": "dense/shared SwiGLU",
-}
-
-
 def _hlo_instructions(hlo_text: str) -> dict:
     """name -> (opcode, shape, op_name, fusion kind) for the instructions of an HLO module."""
     import re
@@ -385,22 +372,47 @@ def _hlo_instructions(hlo_text: str) -> dict:
     return out
 
 
-def _shape_dims(shape: str) -> list:
-    """'f32[8,256,64]{2,1,0}' -> [8, 256, 64] (a tuple shape: its first element)."""
+def _part(tokens: set, k: str) -> str:
+    """The model part of an op from the named scopes in its op_name (the model opens
+    'attention', 'core', 'rope', 'moe', 'router', 'experts', 'shared', 'ffn', 'norm',
+    'embed', 'lm_head_loss'; the trainer 'optimizer')."""
+    mm = k == "matmul"
+    if "optimizer" in tokens:
+        return "update: clip, AdamW, guard, bias"
+    if "lm_head_loss" in tokens:
+        return "LM head + loss (matmuls)" if mm else "LM head + loss (softmax, elementwise)"
+    if "norm" in tokens:
+        return "norms"
+    if "attention" in tokens:
+        if "core" in tokens:
+            return "attention core: QK and PV products" if mm else "attention core: mask, softmax, block slices"
+        if "rope" in tokens:
+            return "attention: rope"
+        return "attention projections" if mm else "attention: other elementwise (split, concat)"
+    if "router" in tokens:
+        return "MoE router"
+    if "experts" in tokens:
+        return "routed experts (matmuls)" if mm else "routed experts: dispatch, combine, activation"
+    if "shared" in tokens or "ffn" in tokens:
+        return "dense FFN / shared expert (matmuls)" if mm else "dense FFN / shared expert: activation"
+    return "embedding, residuals, loss mean, other"
+
+
+def _classify(name, opcode, op_name, kind):
+    """(phase, kind, part) of one HLO instruction, from its op_name metadata: the phase from
+    JAX's jvp/transpose markers, the part from the model's named scopes.  The fused loss
+    computes its gradient inside its forward pass, so that work counts as 'forward'."""
     import re
-    m = re.search(r"\[([\d,]*)\]", shape)
-    return [int(x) for x in m.group(1).split(",") if x] if m else []
-
-
-def _classify(name, opcode, shape, op_name, kind, dims):
-    """(phase, kind, part) of one HLO instruction, from its op_name metadata and shape."""
-    if "transpose(" in op_name:
+    tokens = set(re.split(r"[/()]", op_name))
+    if "optimizer" in tokens:
+        phase = "update (optimizer, guards, bias)"
+    elif "transpose(" in op_name:
         phase = "backward"
     elif "jvp(" in op_name:
         phase = "forward"
     else:
         phase = "update (optimizer, guards, bias)"
-    is_dot = "dot_general" in op_name or "->" in op_name
+    is_dot = "dot_general" in op_name
     if opcode in ("dot", "convolution") or (kind == "matmul-fusion" and is_dot):
         k = "matmul"
     elif opcode == "copy" or name.startswith("copy"):
@@ -409,34 +421,10 @@ def _classify(name, opcode, shape, op_name, kind, dims):
         k = "gather/scatter/sort"
     else:
         k = "elementwise/reduce"  # incl. YNNPACK reduce fusions
-    part = None
-    if k == "matmul":
-        for key, p in _EINSUM_PARTS.items():
-            if f"({key})" in op_name:
-                part = p
-                break
-    if part is None:
-        sizes = _shape_dims(shape)
-        B, T, V, E, heads = dims["B"], dims["T"], dims["V"], dims.get("E"), dims["heads"]
-        if phase.startswith("update"):
-            part = "update: copies of state buffers" if k == "copy" else \
-                "update: clip, AdamW, guard, bias (elementwise)"
-        elif V in sizes:
-            part = "LM head / loss (elementwise)"
-        elif len(sizes) in (4, 5) and sizes[0] == B and sizes[1] in heads and max(sizes[-2:]) <= T:
-            part = "attention softmax/mask, block slices"  # [B, N, T or a block, S or H]
-        elif len(sizes) == 4 and sizes[:2] == [B, T] and sizes[2] in heads:
-            part = "attention: rope, q/k split + concat"  # [B, T, N, H] per-head tensors
-        elif "silu" in op_name:
-            part = "FFN activations (silu)"
-        elif E and sizes[:1] == [E]:
-            part = "routed experts (elementwise, dispatch)"
-        else:
-            part = "norms, residuals, embedding, routing, other"
-    return phase, k, part
+    return phase, k, _part(tokens, k)
 
 
-def op_profile(compiled, args, donate: bool, calls: int, dims: dict) -> dict:
+def op_profile(compiled, args, donate: bool, calls: int) -> dict:
     """Per-HLO-op time of ``calls`` calls of a compiled step, from a jax.profiler trace
     (perfetto JSON; XLA:CPU records one event per executed thunk), grouped by phase
     (forward / backward / update), kind (matmul, elementwise, copy, ...) and model part."""
@@ -477,7 +465,7 @@ def op_profile(compiled, args, donate: bool, calls: int, dims: dict) -> dict:
     rows = []
     for name, sec in per_op.items():
         opcode, shape, op_name, kind = info[name]
-        phase, k, part = _classify(name, opcode, shape, op_name, kind, dims)
+        phase, k, part = _classify(name, opcode, op_name, kind)
         by["phase"][phase] += sec
         by["kind"][k] += sec
         by["part"][part] += sec
@@ -488,7 +476,7 @@ def op_profile(compiled, args, donate: bool, calls: int, dims: dict) -> dict:
     return {"calls": calls, "wall_s_per_call": wall, "ops_s_per_call": sum(per_op.values()),
             "n_ops": len(per_op), **{f"by_{k}": dict(sorted(v.items(), key=lambda x: -x[1]))
                                      for k, v in by.items()},
-            "top_ops": rows[:25]}
+            "top_ops": rows[:25], **({"all_ops": rows} if os.environ.get("MLALM_BENCH_ALL_OPS") else {})}
 
 
 def worker_profile(spec: dict) -> dict:
@@ -647,10 +635,8 @@ def worker_profile(spec: dict) -> dict:
     op = None
     if base is not None:
         log("  per-op trace of train_step")
-        dims = {"B": t.batch_size, "T": t.seq_len, "V": cfg.model.vocab_size,
-                "E": cfg.moe.n_routed_experts, "heads": (cfg.attention.n_heads, cfg.n_kv_heads)}
         try:
-            op = op_profile(base["fn"], base["args"], True, max(2, min(rounds, 5)), dims)
+            op = op_profile(base["fn"], base["args"], True, max(2, min(rounds, 5)))
         except Exception as e:  # noqa: BLE001 - the profiler is optional
             op = {"error": f"{type(e).__name__}: {e}"}
     out = {"rounds": rounds, "parts": {}, "layer_parts": {}, "variants": {}, "what_if": {}, "ops": op,

@@ -809,3 +809,29 @@ def test_attention_core_query_blocks_match_float64(N, K, blocks):
         o, m = attention_core(*args, scale=scale, q_blocks=nb)
         close(o, want, rtol=2e-5)
         close(m, s.max(axis=(0, 2, 3)), rtol=2e-5)
+
+
+@pytest.mark.parametrize("N,K,blocks", [(4, 4, 4), (4, 2, 4), (4, 1, 1)])
+def test_attention_core_gradients_match_float64(N, K, blocks):
+    """The core's own softmax VJP against the softmax gradient written out in float64."""
+    from mlalm.model.attention import attention_core
+    B, T, H, G = 2, 128, 8, 6
+    r = np.random.default_rng(1)
+    q, k, v = r.normal(size=(B, T, N, H)), r.normal(size=(B, T, K, H)), r.normal(size=(B, T, K, G))
+    w = r.normal(size=(B, T, N, G))  # L = sum(w * o)
+    scale, g = H ** -0.5, N // K
+    kk, vv = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
+    s = np.einsum("btnh,bsnh->bnts", q, kk) * scale
+    s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    dp = np.einsum("btng,bsng->bnts", w, vv)
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    want_dq = scale * np.einsum("bnts,bsnh->btnh", ds, kk)
+    want_dk = (scale * np.einsum("bnts,btnh->bsnh", ds, q)).reshape(B, T, K, g, H).sum(3)
+    want_dv = np.einsum("bnts,btng->bsng", p, w).reshape(B, T, K, g, G).sum(3)
+    args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
+    grads = jax.grad(lambda q, k, v: jnp.sum(jnp.asarray(w, jnp.float32) * attention_core(
+        q, k, v, scale=scale, q_blocks=blocks)[0]), argnums=(0, 1, 2))(*args)
+    for got, want in zip(grads, (want_dq, want_dk, want_dv)):
+        close(got, want, rtol=2e-5)

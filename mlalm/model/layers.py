@@ -92,6 +92,7 @@ class RMSNorm(nnx.Module):
         self.eps = eps
         self.dtype = dtype
 
+    @jax.named_scope("norm")
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -112,6 +113,11 @@ def apply_rope(x_BTNP, cos_BTp, sin_BTp):
     mlalm keeps the half layout internally; ``mlalm.hf`` permutes weights to and from
     DeepSeek's interleaved layout, which gives the same attention scores.
     """
+    with jax.named_scope("rope"):
+        return _rope(x_BTNP, cos_BTp, sin_BTp)
+
+
+def _rope(x_BTNP, cos_BTp, sin_BTp):
     x = x_BTNP.astype(jnp.float32)
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]

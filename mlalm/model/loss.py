@@ -84,6 +84,11 @@ def lm_head_cross_entropy(h_BTD, w_DV, labels_BT, *, chunk_tokens: int = 256):
         labels_BT: int target tokens.
         chunk_tokens: about how many tokens (B x positions) one chunk's logits hold.
     """
+    with jax.named_scope("lm_head_loss"):
+        return _lm_head_cross_entropy(h_BTD, w_DV, labels_BT, chunk_tokens)
+
+
+def _lm_head_cross_entropy(h_BTD, w_DV, labels_BT, chunk_tokens):
     B, T, _ = h_BTD.shape
     c = _chunk_len(B, T, chunk_tokens)
     n_tokens = B * T

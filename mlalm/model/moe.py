@@ -148,21 +148,24 @@ class MoE(nnx.Module):
         """
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
-        idx, w, s = route(x_ND, self.w_router_DE[...], self.bias_E[...], **self.route_kw)
+        with jax.named_scope("router"):
+            idx, w, s = route(x_ND, self.w_router_DE[...], self.bias_E[...], **self.route_kw)
         dt = self.dtype
         weights = (self.w_gate_EDF[...].astype(dt), self.w_up_EDF[...].astype(dt),
                    self.w_down_EFD[...].astype(dt))
         dispatch = dispatch or self.dispatch
         if dispatch == "auto":
             dispatch = "capacity" if jax.default_backend() == "cpu" else "dropless"
-        if dispatch == "dropless":
-            y = dispatch_dropless(x_ND, idx, w, *weights)
-        else:
-            capacity = max(1, math.ceil(self.capacity_factor * B * T * self.top_k / self.n_experts))
-            y = dispatch_capacity(x_ND, idx, w, *weights, capacity=capacity)
+        with jax.named_scope("experts"):
+            if dispatch == "dropless":
+                y = dispatch_dropless(x_ND, idx, w, *weights)
+            else:
+                capacity = max(1, math.ceil(self.capacity_factor * B * T * self.top_k / self.n_experts))
+                y = dispatch_capacity(x_ND, idx, w, *weights, capacity=capacity)
         y = y.reshape(B, T, D)
         if self.shared is not None:
-            y = y + self.shared(x_BTD)
+            with jax.named_scope("shared"):
+                y = y + self.shared(x_BTD)
         aux = {
             "load": jnp.bincount(idx.reshape(-1), length=self.n_experts).astype(jnp.float32),
             "balance_loss": sequence_balance_loss(s.reshape(B, T, -1), idx.reshape(B, T, -1),

@@ -39,13 +39,16 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTD, cos, sin):
         """Returns (x_BTD, max attention logit per head [N], MoE aux or None)."""
-        y, max_logit = self.attn(self.attn_norm(x_BTD), cos, sin)
+        with jax.named_scope("attention"):  # scopes name the ops in profiles (scripts/bench.py)
+            y, max_logit = self.attn(self.attn_norm(x_BTD), cos, sin)
         x_BTD = x_BTD + y
         h = self.ffn_norm(x_BTD)
         if self.is_moe:
-            y, aux = self.ffn(h)
+            with jax.named_scope("moe"):
+                y, aux = self.ffn(h)
             return x_BTD + y, max_logit, aux
-        return x_BTD + self.ffn(h), max_logit, None
+        with jax.named_scope("ffn"):
+            return x_BTD + self.ffn(h), max_logit, None
 
     def forward_cached(self, x_BTD, cos, sin, cache: dict, positions_BT):
         """The block over a KV cache (see ``forward_cached`` of the attention modules).
@@ -101,7 +104,8 @@ class Transformer(nnx.Module):
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_tables(positions_BT, self.rope_dim, self.cfg.model.rope_theta)
-        x = self.embed_VD[...].astype(self.dtype)[tokens_BT]
+        with jax.named_scope("embed"):
+            x = self.embed_VD[...].astype(self.dtype)[tokens_BT]
         loads, balance, max_logits = [], jnp.zeros((), jnp.float32), []
         for block in self.blocks:
             x, max_logit, aux = block(x, cos, sin)
@@ -144,7 +148,8 @@ class Transformer(nnx.Module):
 
     def logits(self, h_BTD):
         """LM head in float32 accumulation."""
-        return linear(h_BTD, self.head_weight(), preferred_element_type=jnp.float32)
+        with jax.named_scope("lm_head_loss"):
+            return linear(h_BTD, self.head_weight(), preferred_element_type=jnp.float32)
 
     def apply_qk_clip(self, max_logit_LN, tau: float) -> None:
         """QK-clip (MuonClip, Kimi K2): where a head's largest logit exceeds tau, shrink its
