@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import inspect
+from functools import partial
 import json
 import os
 import platform
@@ -369,6 +370,7 @@ def worker_profile(spec: dict) -> dict:
     from mlalm import profiling
     from mlalm.flops import macs_per_token
     from mlalm.model.layers import rope_tables
+    from mlalm.model.loss import lm_head_cross_entropy
     from mlalm.trainer import lm_loss
     cfg = _load(spec)
     rounds, warmup = spec["steps"], spec["warmup"]
@@ -397,9 +399,9 @@ def worker_profile(spec: dict) -> dict:
     # a second copy (same seed) for the pieces that do not donate; ``model`` shares its arrays
     model, graphdef, tx, schedule, state2, step_fn, batch = _build_train(cfg)
     params, rest, opt_state = state2["params"], state2["rest"], state2["opt_state"]
-    add("parts", "forward (loss)", jax.jit(lambda p, r, b: lm_loss(graphdef, p, r, b, coef)[0]),
+    add("parts", "forward (loss)", jax.jit(lambda p, r, b: lm_loss(graphdef, p, r, b, coef, t.loss_chunk)[0]),
         params, rest, batch)
-    grad = jax.jit(jax.value_and_grad(lambda p, r, b: lm_loss(graphdef, p, r, b, coef)[0]))
+    grad = jax.jit(jax.value_and_grad(lambda p, r, b: lm_loss(graphdef, p, r, b, coef, t.loss_chunk)[0]))
     add("parts", "forward + backward", grad, params, rest, batch)
     grads = grad(params, rest, batch)[1]
 
@@ -466,12 +468,17 @@ def worker_profile(spec: dict) -> dict:
     w_DV = model.embed_VD[...].T if cfg.model.tie_embeddings else model.head_DV[...]
     labels = batch[:, 1:]
 
-    def head_loss(p, x):  # what Transformer.logits + the loss compute
+    def head_loss(p, x, chunk=t.loss_chunk):  # the final norm, then what lm_loss computes
         h = nnx.merge(norm_gd, p[0])(x)
+        if chunk:
+            return lm_head_cross_entropy(h, p[1], labels, chunk_tokens=chunk)
         logits = jnp.einsum("BTD,DV->BTV", h, p[1], preferred_element_type=jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     add("layer_parts", "final norm + LM head + loss",
         jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1))), (norm_st, w_DV), x)
+    if t.loss_chunk:
+        add("what_if", "final norm + LM head + loss, unfused (train.loss_chunk=0)",
+            jax.jit(jax.value_and_grad(partial(head_loss, chunk=0), argnums=(0, 1))), (norm_st, w_DV), x)
 
     # -- variants of the whole step -----------------------------------------------------
     def variant(name, new_cfg):
@@ -490,6 +497,8 @@ def worker_profile(spec: dict) -> dict:
         variant("model.dtype=bfloat16 (compute)", R(cfg, model=R(cfg.model, dtype="bfloat16")))
     if cfg.optim.clip_norm > 0:
         variant("optim.clip_norm=0 (no clipping)", R(cfg, optim=R(cfg.optim, clip_norm=0.0)))
+    if t.loss_chunk:
+        variant("train.loss_chunk=0 (unfused LM head + loss)", R(cfg, train=R(t, loss_chunk=0)))
 
     # -- time everything round-robin ----------------------------------------------------
     def call(e, record):
