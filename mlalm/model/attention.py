@@ -51,23 +51,17 @@ _softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def _core_hm(q, k, v, causal, q_offset):
-    """Head-major core: q [B, K, g, T, H] (already scaled), k [B, K, S, H], v [B, K, S, G]."""
-    T, S = q.shape[3], k.shape[2]
-    s = jnp.einsum("BKgTH,BKSH->BKgTS", q, k, preferred_element_type=jnp.float32)
+    """Head-major core over scaled queries q [B, K, g, T, H] (GQA/MQA) or, when K = N,
+    q [B, N, T, H] (plain 4-D einsums, measured faster on CPU than a size-1 group axis);
+    k [B, K, S, H], v [B, K, S, G].  Returns o like q with width G, and the largest
+    logit per query head ([K, g] or [N])."""
+    g = "g" if q.ndim == 5 else ""
+    T, S = q.shape[-2], k.shape[-2]
+    s = jnp.einsum(f"BK{g}TH,BKSH->BK{g}TS", q, k, preferred_element_type=jnp.float32)
     mask = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :] if causal else None
     p, row_max = _softmax(s, mask)
-    o = jnp.einsum("BKgTS,BKSG->BKgTG", p.astype(v.dtype), v)
-    return o, jax.lax.stop_gradient(jnp.max(row_max, axis=(0, 3, 4)))
-
-
-def _core_hm4(q, k, v, causal, q_offset):
-    """K == N: q [B, N, T, H], k [B, N, S, H], v [B, N, S, G]."""
-    T, S = q.shape[2], k.shape[2]
-    s = jnp.einsum("BNTH,BNSH->BNTS", q, k, preferred_element_type=jnp.float32)
-    mask = (jnp.arange(T)[:, None] + q_offset) >= jnp.arange(S)[None, :] if causal else None
-    p, row_max = _softmax(s, mask)
-    o = jnp.einsum("BNTS,BNSG->BNTG", p.astype(v.dtype), v)
-    return o, jax.lax.stop_gradient(jnp.max(row_max, axis=(0, 2, 3)))
+    o = jnp.einsum(f"BK{g}TS,BKSG->BK{g}TG", p.astype(v.dtype), v)
+    return o, jax.lax.stop_gradient(jnp.max(row_max, axis=(0, q.ndim - 2, q.ndim - 1)))
 
 
 def attention_core(q_BTNH, k_BSKH, v_BSKG, *, scale: float, causal: bool = True,
@@ -97,19 +91,17 @@ def attention_core(q_BTNH, k_BSKH, v_BSKG, *, scale: float, causal: bool = True,
     if q_blocks > 1 and not (causal and T == S and q_offset == 0 and T % q_blocks == 0):
         raise ValueError(f"q_blocks={q_blocks} needs causal self-attention with T={T} a multiple of it")
     q = q_BTNH * jnp.asarray(scale, q_BTNH.dtype)
+    k, v = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKG, 1, 2)
     if K == N:
-        core, tax = _core_hm4, 2
-        q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k_BSKH, v_BSKG))
+        q, tax = jnp.swapaxes(q, 1, 2), 2
     else:
-        core, tax = _core_hm, 3
-        q = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-        k, v = jnp.swapaxes(k_BSKH, 1, 2), jnp.swapaxes(v_BSKG, 1, 2)
+        q, tax = q.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4), 3
     c = T // q_blocks
     outs, maxes = [], []
-    for i in range(q_blocks):
+    for i in range(q_blocks):  # query block i sees keys [0, (i + 1) c)
         qi = jax.lax.slice_in_dim(q, i * c, (i + 1) * c, axis=tax)
         kv = slice(0, (i + 1) * c) if q_blocks > 1 else slice(None)
-        o, m = core(qi, k[:, :, kv], v[:, :, kv], causal, q_offset if q_blocks == 1 else i * c)
+        o, m = _core_hm(qi, k[:, :, kv], v[:, :, kv], causal, q_offset if q_blocks == 1 else i * c)
         outs.append(o)
         maxes.append(m)
     o = jnp.concatenate(outs, axis=tax) if q_blocks > 1 else outs[0]
