@@ -39,7 +39,7 @@ class Block(nnx.Module):
 
     def __call__(self, x_BTD, cos, sin):
         """Returns (x_BTD, max attention logit per head [N], MoE aux or None)."""
-        with jax.named_scope("attention"):  # scopes name the ops in profiles (scripts/bench.py)
+        with jax.named_scope("attention"):  # scopes name the ops in profiles (mlalm/profiling.py)
             y, max_logit = self.attn(self.attn_norm(x_BTD), cos, sin)
         x_BTD = x_BTD + y
         h = self.ffn_norm(x_BTD)
