@@ -116,8 +116,8 @@ def make_train_step(graphdef, tx, schedule, cfg: Config, shardings=None):
 
         # a non-finite step keeps the old state.  lax.cond rather than jnp.where over the
         # whole state: the skip branch passes the donated buffers through, where a select
-        # would read and write every parameter and moment once more (measured: the update
-        # took 77 ms inside the step against 38 ms alone at the bench configuration).
+        # would read and write every parameter and moment once more (measured at the bench
+        # configuration: 5.18 -> 4.98 GB accessed per step).
         with jax.named_scope("optimizer"):
             new_params, opt_state, new_rest = jax.lax.cond(
                 finite, update, lambda operands: operands, (params, state["opt_state"], rest))

@@ -9,8 +9,9 @@ backward pass only scales those by the incoming cotangent, so the head's three m
 run once each, as in plain autodiff.
 
 Why our own instead of optax's: measured on a 2-core CPU at the bench configuration
-(2,048 tokens, V = 8192, D = 256), forward + backward went from 354 to 308 ms and the
-step's peak memory drops by the logits, the softmax and their gradient (~200 MB there).
+(2,048 tokens, V = 8192, D = 256; scripts/bench.py --profile), the final norm + head +
+loss forward and backward went from 395 to 234 ms, the training step from 979 to 900 ms,
+and XLA's temporary memory for the step from 598 to 486 MiB.
 Undifferentiated (evaluation), only the loss is computed.
 """
 
