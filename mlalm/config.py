@@ -131,6 +131,7 @@ class TrainConfig:
     eval_batches: int = 20  # periodic validation: batches (0: the whole split)
     final_eval_batches: int = 0  # end of run: batches (0: the whole split)
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many skips in a row
     progress: bool = True
     # 'auto': continue from the newest complete checkpoint of the run directory (a run
     # that finished starts a new directory); 'never': always start afresh; or a path to a
@@ -238,14 +239,19 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "3e-4" (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if tp is tuple:
         if isinstance(value, (list, tuple)):
             return tuple(tuple(v) if isinstance(v, list) else v for v in value)
@@ -261,27 +267,15 @@ def from_dict(raw: dict | None, base: Config | None = None) -> Config:
     """Build a validated Config from a nested dict, on top of ``base`` (or defaults)."""
     cfg = base or Config()
     raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    check_structure(raw)
     classes = _section_classes()
     new_sections = {}
     for section, values in raw.items():
-        if section not in classes:
-            raise ConfigError(
-                f"unknown config section '{section}'{_did_you_mean(section, classes)} "
-                f"(valid: {', '.join(classes)})")
         if values is None:
             continue
-        if not isinstance(values, dict):
-            raise ConfigError(f"{section}: expected a mapping of keys, got {values!r}")
-        cls = classes[section]
-        hints = typing.get_type_hints(cls)
+        hints = typing.get_type_hints(classes[section])
         updates = {}
         for key, value in values.items():
-            if key not in hints:
-                raise ConfigError(
-                    f"unknown config key '{section}.{key}'"
-                    f"{_did_you_mean(key, hints)}")
             updates[key] = _coerce(f"{section}.{key}", value, hints[key])
         new_sections[section] = replace(getattr(cfg, section), **updates)
     cfg = replace(cfg, **new_sections)
@@ -328,10 +322,16 @@ def _read_yaml(path, _seen=()) -> dict:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}")
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML: {what}{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: expected a mapping of sections")
     base = raw.pop("base", None)
+    check_structure(raw, f"config file {path}")
     if base is None:
         return raw
     base_path = os.path.join(os.path.dirname(os.path.abspath(path)), str(base))
@@ -469,6 +469,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size < 260:
         raise ConfigError("data.bpe_vocab_size must be at least 260 (256 bytes + specials)")
+    if o.eps <= 0:
+        raise ConfigError(f"optim.eps must be positive (it keeps Adam's division finite), got {o.eps}")
+    for key in ("eval_batches", "final_eval_batches"):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"train.{key} must be >= 0 (0: the whole split), got {getattr(t, key)}")
+    if t.max_consecutive_skips < 1:
+        raise ConfigError(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
     if t.loss_chunk < 0:
         raise ConfigError(f"train.loss_chunk must be >= 0 (0: plain logits), got {t.loss_chunk}")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:

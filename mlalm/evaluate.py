@@ -38,12 +38,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from mlalm.errors import ConfigError, DataError
+from mlalm.sharding import to_host
 
 WINDOW_SCHEME = ("one end-of-text token, then the split; windows of T+1 tokens every T tokens "
                  "(consecutive windows share one token), so every token of the split is predicted "
@@ -186,24 +185,23 @@ def window_batches(stream: np.ndarray, *, seq_len: int, batch_size: int, max_bat
         yield x, y, w
 
 
-def _nll_step(model):
-    """jit of ``(state, x_BT, y_BT, w_BT) -> Σ w·(-log softmax(logits)[y])`` (float32)."""
-    graphdef, state = nnx.split(model)
+def score(eval_step, params, rest, tokens: np.ndarray, *, eos_id: int, seq_len: int,
+          batch_size: int, max_batches: int = 0, placement=None, progress=None,
+          stop=None) -> tuple[float, int]:
+    """(Σ NLL in nats, number of scored tokens) of ``tokens`` (a split, 1-D) preceded by
+    ``eos_id``, in the window scheme of the module docstring.  The one scoring path: the
+    trainer's validation and ``eval.py`` both call it.
 
-    @jax.jit
-    def step(state, x_BT, y_BT, w_BT):
-        logits_BTV = nnx.merge(graphdef, state)(x_BT).astype(jnp.float32)
-        nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV, y_BT)
-        return jnp.sum(nll_BT * w_BT)
-    return step, state
-
-
-def token_nll(model, tokens: np.ndarray, *, eos_id: int, seq_len: int, batch_size: int,
-              max_batches: int = 0, progress=None) -> tuple[float, int]:
-    """(Σ NLL in nats, number of scored tokens) of ``tokens`` (the split, 1-D), the
-    stream preceded by ``eos_id``.  ``progress(done, total)`` is called after each batch."""
-    stream = np.concatenate([[eos_id], np.asarray(tokens, np.int64)]).astype(np.int32)
-    step, state = _nll_step(model)
+    Args:
+        eval_step: ``mlalm.train.step.make_eval_step(cfg, placement)``.
+        placement: ``mlalm.sharding.Placement`` of a sharded run (None: one device).
+        progress: ``progress(done, total)`` after each batch.
+        stop: ``stop() -> bool`` checked between batches; True ends scoring early
+            (the figures then cover a prefix, which the caller must say).
+    """
+    stream = np.empty(len(tokens) + 1, np.int32)
+    stream[0] = eos_id
+    stream[1:] = tokens
     n_windows = -(-(len(stream) - 1) // seq_len)
     total = -(-n_windows // batch_size)
     if max_batches:
@@ -211,21 +209,37 @@ def token_nll(model, tokens: np.ndarray, *, eos_id: int, seq_len: int, batch_siz
     nll, scored = 0.0, 0
     for i, (x, y, w) in enumerate(window_batches(stream, seq_len=seq_len, batch_size=batch_size,
                                                  max_batches=max_batches)):
-        nll += float(step(state, x, y, w))
         scored += int(w.sum())
+        if placement is not None:
+            x, y, w = (placement.global_rows(a) for a in (x, y, w))
+        nll += float(to_host(eval_step(params, rest, x, y, w)))
         if progress:
             progress(i + 1, total)
+        if stop is not None and stop():
+            break
     return nll, scored
 
 
-def quality(model, tokenizer, docs, *, seq_len: int, batch_size: int, max_batches: int = 0,
+def scored_bytes(tokens: np.ndarray, n: int, tokenizer, split_bytes: int) -> int:
+    """UTF-8 bytes the first ``n`` tokens of a split spell: the split's byte count when
+    all were scored, else counted from the tokens."""
+    if n >= len(tokens):
+        return split_bytes
+    return sum(len(p) for p in spelled_documents(tokens[:n], tokenizer))
+
+
+def quality(model, cfg, tokenizer, docs, *, seq_len: int, batch_size: int, max_batches: int = 0,
             cache_dir: str | None = None, progress=None) -> dict:
     """Perplexity, bits per byte and word perplexity of ``docs`` ((name, bytes) list)."""
     from mlalm.data.pipeline import cached_tokens, default_cache_dir
+    from mlalm.train.step import make_eval_step
+    from mlalm.train.state import split_model
     check_readable(docs, tokenizer)
     tokens = cached_tokens(tokenizer, docs, cache_dir or default_cache_dir())
-    nll, n = token_nll(model, tokens, eos_id=tokenizer.eos_id, seq_len=seq_len,
-                       batch_size=batch_size, max_batches=max_batches, progress=progress)
+    _, params, rest = split_model(model)
+    nll, n = score(make_eval_step(cfg), params, rest, tokens, eos_id=tokenizer.eos_id,
+                   seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
+                   progress=progress)
     pieces = spelled_documents(tokens[:n], tokenizer)  # the text the scored tokens spell
     n_bytes = sum(len(p) for p in pieces)
     if n == len(tokens) and n_bytes != sum(len(d) for _, d in docs):
@@ -283,11 +297,8 @@ def kv_cache_report(model, cfg, *, batch: int, context: int, budget_bytes: int,
 # ---------------------------------------------------------------------------------------
 
 def _step_of(ckpt_dir: str):
-    meta = os.path.join(ckpt_dir, "meta", "metadata")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            return int(json.load(f)["step"])
-    return None
+    from mlalm.checkpoint import read_meta
+    return read_meta(ckpt_dir).get("step")
 
 
 def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None = None,
@@ -308,7 +319,8 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None
     Raises:
         CheckpointError, DataError, ConfigError: with a one-line message.
     """
-    from mlalm.checkpoint import find_checkpoint, load_for_inference
+    from mlalm.checkpoint import find_checkpoint
+    from mlalm.inference import load_for_inference
     from mlalm.data.pipeline import default_cache_dir
     from mlalm.errors import CheckpointError
     log = log or (lambda text, transient=False: None)
@@ -334,7 +346,7 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None
 
     report = {"checkpoint": os.path.abspath(ckpt_dir), "step": _step_of(ckpt_dir), "split": label,
               "data": where, "documents": len(docs), "tokenizer": tokenizer.name, "batch_size": B}
-    report.update(quality(model, tokenizer, docs, seq_len=T, batch_size=B, max_batches=max_batches,
+    report.update(quality(model, cfg, tokenizer, docs, seq_len=T, batch_size=B, max_batches=max_batches,
                           cache_dir=cfg.data.cache_dir or default_cache_dir(), progress=progress))
     report["eval_seconds"] = time.perf_counter() - t0
     N = decode_context or min(1024, cfg.model.max_seq_len)

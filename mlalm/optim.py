@@ -6,6 +6,7 @@ import math
 from dataclasses import replace
 
 import jax
+import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
@@ -30,9 +31,16 @@ def param_labels(params):
                                             params)
 
 
+def effective_warmup(o, steps: int) -> int:
+    """``optim.warmup_steps``, or a tenth of ``steps`` when the run is not longer than its
+    warmup (which would otherwise only warm up and never decay; the trainer says so)."""
+    return o.warmup_steps if o.warmup_steps < steps else steps // 10
+
+
 def make_schedule(o, steps: int) -> optax.Schedule:
-    """Learning rate per step: linear warmup, then cosine / warmup-stable-decay / constant."""
-    warmup = min(o.warmup_steps, max(steps - 1, 0))
+    """Learning rate per step: linear warmup (:func:`effective_warmup`), then cosine /
+    warmup-stable-decay / constant."""
+    warmup = effective_warmup(o, steps)
     floor = o.lr * o.min_lr_ratio
     if o.schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, max(steps, warmup + 1), floor)
@@ -125,7 +133,9 @@ def build_optimizer(cfg, steps: int):
                                  weight_decay=o.weight_decay, mask=decay_mask))
         return optax.chain(*parts), schedule
     adam_schedule = make_schedule(replace(o, lr=o.adam_lr), steps) if o.adam_lr else schedule
-    coeffs = o.ns_coeffs
+    # float32 explicitly: optax keeps the coefficients as a state leaf, which would be
+    # float64 under jax_enable_x64 (a different checkpoint layout)
+    coeffs = jnp.asarray(o.ns_coeffs, jnp.float32)
     muon_wd = o.weight_decay if o.muon_weight_decay is None else o.muon_weight_decay
     muon = optax.chain(
         scale_by_muon(ns_coeffs=coeffs, ns_steps=o.ns_steps, beta=o.muon_momentum, nesterov=True,

@@ -112,6 +112,36 @@ def global_batch(local_batch: np.ndarray, sharding: NamedSharding, global_batch_
     return jax.make_array_from_process_local_data(sharding, local_batch, global_shape)
 
 
+class Placement:
+    """Where the train state and batches live: the mesh, and NamedShardings from ``RULES``.
+
+    Args:
+        cfg: the run's Config (``mesh`` section; ``train.batch_size``/``grad_accum`` must
+            split over the data-parallel devices).
+        state: the train state (or its abstract structure) whose leaves carry logical axes.
+    """
+
+    def __init__(self, cfg, state, devices=None):
+        self.mesh = make_mesh(cfg.mesh, devices)
+        dp = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        if cfg.train.batch_size % (dp * cfg.train.grad_accum):
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} must be divisible by mesh data x fsdp "
+                f"({dp}) x train.grad_accum ({cfg.train.grad_accum})")
+        self.state_sh = tree_shardings(state, self.mesh)
+        self.batch_sh = batch_sharding(self.mesh)
+        self.repl = NamedSharding(self.mesh, P())
+
+    def put_state(self, state):
+        return jax.device_put(state, self.state_sh)
+
+    def global_rows(self, rows: np.ndarray):
+        """A global array from a host array holding every row (each process keeps its slice)."""
+        n, p = jax.process_count(), jax.process_index()
+        per = rows.shape[0] // n
+        return global_batch(rows[p * per:(p + 1) * per], self.batch_sh, rows.shape[0])
+
+
 def to_host(x):
     """Host value of a replicated (possibly multi-process) array."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:

@@ -241,7 +241,7 @@ def plot(rows, keys, out):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[compare] matplotlib is not installed: no plots (pip install matplotlib)")
+        print("[compare] matplotlib is not installed: no plots (pip install -e \".[plot]\")")
         return
     colors = {}
     for xi, (xlabel, fname) in enumerate([("tokens", "loss_vs_tokens.png"), ("seconds", "loss_vs_time.png")]):

@@ -18,18 +18,18 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mlalm.cli import run_command
 
 
 def export_hf(path: str, out_dir: str, dtype: str | None) -> str:
-    from mlalm.checkpoint import load_for_inference
     from mlalm.errors import ConfigError
     from mlalm.hf import save_pretrained
+    from mlalm.inference import load_for_inference
     model, cfg, tokenizer = load_for_inference(path)
     if cfg.attention.kind != "mla":
         raise ConfigError(f"--format hf writes DeepSeek-V3 checkpoints, which need attention.kind=mla; "
                           f"this model uses {cfg.attention.kind} (use --format params)")
-    save_pretrained(model, cfg, out_dir, dtype=dtype)
+    save_pretrained(model, cfg, out_dir, dtype=dtype, eos_token_id=tokenizer.eos_id)
     if getattr(tokenizer, "name", "") == "bpe":
         tokenizer.save(out_dir)
         with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
@@ -46,21 +46,20 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                         help="parameter dtype (default: float32 for params, the model's for hf)")
     args = parser.parse_args(argv)
-    from mlalm.checkpoint import export_params
-    from mlalm.errors import CheckpointError, ConfigError, DataError
-    try:
+
+    def body():
+        from mlalm.errors import CheckpointError
+        from mlalm.inference import export_params
         if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
             raise CheckpointError(f"{args.out_dir} exists and is not empty; choose a new directory")
         if args.format == "hf":
             export_hf(args.source, args.out_dir, args.dtype)
         else:
             export_params(args.source, args.out_dir, dtype=args.dtype or "float32")
-    except (CheckpointError, ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.out_dir) for f in fs)
-    print(f"wrote {args.out_dir} ({args.format}, {total / 1e6:.1f} MB)")
-    return 0
+        total = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(args.out_dir) for f in fs)
+        print(f"wrote {args.out_dir} ({args.format}, {total / 1e6:.1f} MB)")
+
+    return run_command(body, quiet_unraisable=True)
 
 
 if __name__ == "__main__":

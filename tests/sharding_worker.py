@@ -1,21 +1,19 @@
 """Run by tests/test_sharding.py in a subprocess with several (simulated) CPU devices.
 
     python tests/sharding_worker.py steps OPTIM       -> JSON: per mesh, losses/grad norms
-    python tests/sharding_worker.py train KEY=VAL...  -> runs mlalm.trainer.train
+    python tests/sharding_worker.py train KEY=VAL...  -> runs mlalm.train.train
 """
 
 import json
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from mlalm.config import from_dict
-from mlalm.model import Transformer
 from mlalm.optim import build_optimizer
-from mlalm.trainer import Placement, make_train_step, split_model
+from mlalm.sharding import Placement
+from mlalm.train import init_state, make_train_step
 
 MESHES = {"single": dict(data=1), "data8": dict(data=8), "fsdp2_tensor2_expert2": dict(data=1, fsdp=2, tensor=2, expert=2),
           "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2)}
@@ -45,20 +43,19 @@ def steps(optim):
     batches = [rng.integers(0, 64, (16, 17)).astype(np.int32)] * 3  # one batch: the loss must fall
     for name, mesh in MESHES.items():
         cfg = config(optim, mesh)
-        graphdef, params, rest = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
         tx, schedule = build_optimizer(cfg, 10)
-        state = {"params": params, "opt_state": tx.init(params), "rest": rest, "step": jnp.zeros((), jnp.int32)}
+        graphdef, state = init_state(cfg, tx, seed=0)
         devices = jax.devices()[:1] if name == "single" else None
         pl = Placement(cfg, state, devices)
         state = pl.put_state(state)
-        step = make_train_step(graphdef, tx, schedule, cfg, shardings=(pl.state_sh, pl.batch_sh, pl.repl))
+        step = make_train_step(graphdef, tx, schedule, cfg, pl)
         losses, norms = [], []
         for b in batches:
             batch = pl.global_rows(b)
             state, m = step(state, batch)
             losses.append(float(m["loss"]))
             norms.append(float(m["grad_norm"]))
-        p = state["params"]
+        p = state.params
         specs = {
             "embed_VD": spec(p["embed_VD"].get_value()),
             "wkv_b_RNH": spec(p["blocks"][1]["attn"]["wkv_b_RNH"].get_value()),
@@ -69,7 +66,7 @@ def steps(optim):
             "n_batch_shards": len({str(s.index) for s in batch.addressable_shards}),
         }
         # optimizer state: every moment with the shape of w_gate_EDF is sharded like it
-        opt_specs = sorted({json.dumps(spec(x)) for x in jax.tree.leaves(state["opt_state"])
+        opt_specs = sorted({json.dumps(spec(x)) for x in jax.tree.leaves(state.opt_state)
                             if getattr(x, "shape", None) == (4, 32, 16)})
         specs["opt_w_gate_EDF"] = opt_specs
         out[name] = {"losses": losses, "grad_norms": norms, "specs": specs}
@@ -81,5 +78,5 @@ if __name__ == "__main__":
         steps(sys.argv[2])
     else:
         from mlalm.config import load_config
-        from mlalm.trainer import train
+        from mlalm.train import train
         train(load_config(None, sys.argv[2:]), log=lambda *a: print(*a, flush=True))

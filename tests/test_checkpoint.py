@@ -3,6 +3,7 @@ and export (transformers and params-only)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,56 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlalm.checkpoint import Checkpointer, load_for_inference
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["model.d_model=48", "model.n_layers=2", "model.ffn_dim=96", "model.max_seq_len=64",
-        "attention.n_heads=2", "attention.kv_lora_rank=16", "attention.qk_nope_head_dim=8",
-        "attention.qk_rope_head_dim=8", "attention.v_head_dim=8", "moe.n_routed_experts=4",
-        "moe.expert_ffn_dim=16", "moe.first_k_dense_replace=1", "train.batch_size=4",
-        "train.seq_len=32", "train.log_every=1", "train.eval_every=5", "train.eval_batches=2",
-        "train.final_eval_batches=4", "train.progress=false", "optim.warmup_steps=5"]
-STEPS = 40
-
-
-def _cmd(run_dir, *extra):
-    return [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"train.steps={STEPS}",
-            f"train.run_dir={run_dir}", "train.name=r", *extra]
-
-
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
-    env.pop("XLA_FLAGS", None)
-    return env
-
-
-def _losses(run):
-    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    per_step = {r["step"]: r["loss"] for r in rows if "loss" in r}
-    final = [r["val_loss"] for r in rows if r.get("final")]
-    return per_step, final
-
-
-def _start_and_interrupt(run_dir, sig, *extra, after=10):
-    """Start a run; once checkpoint ``after`` is complete, send ``sig``.  Returns (rc, output)."""
-    proc = subprocess.Popen(_cmd(run_dir, "checkpoint.every=10", *extra), env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    marker = os.path.join(run_dir, "r", "checkpoints", str(after))
-    deadline = time.time() + 300
-    while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=300)
-    return proc.returncode, out
-
-
-@pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """The uninterrupted run every interrupted one must reproduce."""
-    d = tmp_path_factory.mktemp("ref")
-    out = subprocess.run(_cmd(d, "checkpoint.every=10"), env=_env(), capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return os.path.join(d, "r")
+from conftest import ROOT, STEPS, losses as _losses, subprocess_env, train_cmd as _cmd
+from conftest import start_and_interrupt as _start_and_interrupt
+from mlalm.checkpoint import Checkpointer
+from mlalm.inference import load_for_inference
 
 
 def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
@@ -73,7 +28,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
     assert not os.path.exists(os.path.join(run, "summary.json")), "the run ended before the kill"
     saved = sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints")) if s.isdigit())
     assert saved and saved[-1] < STEPS
-    again = subprocess.run(_cmd(tmp_path, "checkpoint.every=10"), env=_env(), capture_output=True, text=True)
+    again = subprocess.run(_cmd(tmp_path, "checkpoint.every=10"), env=subprocess_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from" in again.stdout
     want, want_final = _losses(reference_run)
@@ -92,7 +47,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(reference_run, tmp_path):
     steps = sorted(int(s) for s in os.listdir(os.path.join(run, "checkpoints")) if s.isdigit())
     last = max(json.loads(line)["step"] for line in open(os.path.join(run, "metrics.jsonl")))
     assert steps[-1] == last < STEPS  # the step it stopped at was saved
-    again = subprocess.run(_cmd(tmp_path, "checkpoint.every=10"), env=_env(), capture_output=True, text=True)
+    again = subprocess.run(_cmd(tmp_path, "checkpoint.every=10"), env=subprocess_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert _losses(run) == _losses(reference_run)
 
@@ -109,7 +64,7 @@ def test_resume_falls_back_past_a_corrupted_checkpoint(reference_run, tmp_path):
     with open(victim, "r+b") as f:  # flip bytes in the middle, same size
         f.seek(os.path.getsize(victim) // 2)
         f.write(b"\xff\x00\xff\x00")
-    again = subprocess.run(_cmd(tmp_path, "checkpoint.every=10"), env=_env(), capture_output=True, text=True)
+    again = subprocess.run(_cmd(tmp_path, "checkpoint.every=10"), env=subprocess_env(), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "damaged" in again.stdout and "checksum" in again.stdout
     assert f"resuming from {os.path.join(run, 'checkpoints')}/{steps[-2]}" in again.stdout
@@ -174,17 +129,37 @@ def _skip(it, n):
     return it
 
 
-def test_restore_without_manifest_still_detects_truncation(tmp_path):
+@pytest.mark.parametrize("damage", ["no manifest", "manifest of the wrong shape", "manifest not json",
+                                    "no metadata", "truncated metadata", "empty directory"])
+def test_restore_treats_damaged_records_as_damage(tmp_path, damage):
+    """Damage to the newest checkpoint's bookkeeping falls back like damage to its arrays
+    (a flipped byte in a checkpoint without a manifest was loaded into a NaN run before)."""
     d = str(tmp_path / "checkpoints")
     _save_steps(d, [1, 2])
-    os.remove(os.path.join(d, "2", "manifest.json"))  # as if killed before the manifest
-    victim = max((os.path.join(r, f) for r, _, fs in os.walk(os.path.join(d, "2", "state")) for f in fs),
-                 key=os.path.getsize)
-    with open(victim, "r+b") as f:
-        f.truncate(16)
+    step2 = os.path.join(d, "2")
+    manifest, meta_file = os.path.join(step2, "manifest.json"), os.path.join(step2, "meta", "metadata")
+    if damage == "no manifest":
+        os.remove(manifest)
+    elif damage == "manifest of the wrong shape":
+        with open(manifest, "w") as f:
+            json.dump({"files": [1, 2, 3]}, f)
+    elif damage == "manifest not json":
+        with open(manifest, "w") as f:
+            f.write('{"files": {')
+    elif damage == "no metadata":
+        os.remove(meta_file)
+    elif damage == "truncated metadata":
+        with open(meta_file, "r+b") as f:
+            f.truncate(5)
+    else:
+        for entry in os.listdir(step2):
+            p = os.path.join(step2, entry)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
     warnings = []
     state, meta = Checkpointer(d, log=warnings.append).restore(jax.eval_shape(lambda: _state(0)), _iterator())
-    assert meta["step"] == 1 and len(warnings) == 1
+    assert meta["step"] == 1 and int(state["step"]) == 1
+    assert len(warnings) == 1 and "damaged" in warnings[0], warnings
+    assert len(os.listdir(tmp_path / "damaged_checkpoints")) == 1  # set aside, not deleted
 
 
 def test_keeps_newest_and_best(tmp_path):
@@ -205,12 +180,12 @@ FULL_DISK = textwrap.dedent("""
     d = sys.argv[1]
     it = iter(grain.MapDataset.range(10).to_iter_dataset())
     ck = Checkpointer(d, async_save=sys.argv[2] == "async")
-    ck.save(1, {"w": jnp.zeros((8,))}, it, {})
+    ck.save(1, {"w": jnp.zeros((8,))}, it, {"config": {}})
     ck.wait()
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # writes past the limit fail with EFBIG
     resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))
     try:
-        ck.save(2, {"w": jnp.asarray(np.random.default_rng(0).normal(size=(1_000_000,)), jnp.float32)}, it, {})
+        ck.save(2, {"w": jnp.asarray(np.random.default_rng(0).normal(size=(1_000_000,)), jnp.float32)}, it, {"config": {}})
         ck.wait()
     except CheckpointError as e:
         print("ERROR:", e)
@@ -220,7 +195,7 @@ FULL_DISK = textwrap.dedent("""
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_failed_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, mode):
     d = str(tmp_path / "checkpoints")
-    out = subprocess.run([sys.executable, "-c", FULL_DISK, d, mode], env=_env(), capture_output=True,
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, d, mode], env=subprocess_env(), capture_output=True,
                          text=True, timeout=300)
     line = [x for x in out.stdout.splitlines() if x.startswith("ERROR:")]
     assert line, out.stdout[-1000:] + out.stderr[-3000:]
@@ -234,7 +209,7 @@ def test_failed_save_is_a_clear_error_and_keeps_earlier_checkpoints(tmp_path, mo
 # -- command-line errors -------------------------------------------------------------------
 
 def test_resume_from_a_missing_path_exits_2(tmp_path):
-    out = subprocess.run(_cmd(tmp_path, f"train.resume={tmp_path}/nothing"), env=_env(),
+    out = subprocess.run(_cmd(tmp_path, f"train.resume={tmp_path}/nothing"), env=subprocess_env(),
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-1] == f"error: train.resume={tmp_path}/nothing: no such checkpoint or run directory"
@@ -242,7 +217,7 @@ def test_resume_from_a_missing_path_exits_2(tmp_path):
 
 
 def test_resume_with_another_model_exits_2_and_keeps_the_checkpoint(reference_run, tmp_path):
-    out = subprocess.run(_cmd(tmp_path, f"train.resume={reference_run}", "model.d_model=64"), env=_env(),
+    out = subprocess.run(_cmd(tmp_path, f"train.resume={reference_run}", "model.d_model=64"), env=subprocess_env(),
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "model.d_model=48, this config has 64" in out.stderr
@@ -253,7 +228,7 @@ def test_resume_with_another_model_exits_2_and_keeps_the_checkpoint(reference_ru
 
 def _export(src, out, *args):
     return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "export.py"), src, out, *args],
-                          env=_env(), capture_output=True, text=True)
+                          env=subprocess_env(), capture_output=True, text=True)
 
 
 def _tokens(vocab, B=2, T=24, seed=0):

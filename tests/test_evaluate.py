@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlalm.checkpoint import load_for_inference
+from mlalm.inference import load_for_inference
 from mlalm.config import from_dict
 from mlalm.data.tokenizers import ByteTokenizer, get_tokenizer
 from mlalm.errors import ConfigError, DataError
@@ -56,7 +56,7 @@ def _text(n_lines: int, seed: int) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from mlalm.trainer import train
+    from mlalm.train import train
     d = tmp_path_factory.mktemp("eval")
     (d / "train.txt").write_text(_text(300, 0), encoding="utf-8")
     (d / "valid.txt").write_text(_text(50, 1), encoding="utf-8")
@@ -66,7 +66,7 @@ def run(tmp_path_factory):
                           qk_rope_head_dim=4, v_head_dim=8),
         "moe": dict(n_routed_experts=4, expert_ffn_dim=16, first_k_dense_replace=1),
         "data": dict(path=str(d / "train.txt"), val_path=str(d / "valid.txt"), cache_dir=str(d / "cache")),
-        "train": dict(steps=10, batch_size=4, seq_len=T, eval_every=100, final_eval_batches=1,
+        "train": dict(steps=10, batch_size=4, seq_len=T, eval_every=100, final_eval_batches=0,
                       run_dir=str(d / "runs"), name="r", progress=False),
         "optim": dict(warmup_steps=2, lr=1e-2),
         "checkpoint": dict(async_save=False)})
@@ -122,6 +122,21 @@ def test_perplexity_and_bits_per_byte_match_an_independent_loop(cli_json, refere
     assert r["bytes"] == len(reference["raw"])
     assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(reference["raw"]), rel=1e-5)
     assert 1 < r["perplexity"] < 257                 # trained a little: better than uniform
+
+
+def test_summary_final_validation_equals_eval_py(run):
+    """One evaluation path: the trainer's final validation and eval.py's give the same
+    figures for the same checkpoint and split (here the model's own batch size)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        # the step directory, so that the run directory's eval_valid.json stays as it was
+        assert eval_cli.main([os.path.join(run[0], "checkpoints", "10"), "--json", "--no-decode"]) == 0
+    r = json.loads(out.getvalue())
+    with open(os.path.join(run[0], "summary.json")) as f:
+        s = json.load(f)
+    assert s["val_whole_split"] and s["val_tokens"] == r["tokens"]
+    assert s["val_loss"] == pytest.approx(r["loss"], rel=1e-6, abs=0)
+    assert s["val_bits_per_byte"] == pytest.approx(r["bits_per_byte"], rel=1e-6, abs=0)
 
 
 def test_word_perplexity_uses_words_plus_one_eol_per_line(cli_json, reference):

@@ -15,7 +15,7 @@ from mlalm import ConfigError
 from mlalm.config import from_dict
 from mlalm.model import Transformer
 from mlalm.optim import build_optimizer, muon_dimension_numbers, optimizer_labels
-from mlalm.trainer import split_model
+from mlalm.train import split_model
 
 MLA_MOE = {
     "model": {"vocab_size": 40, "d_model": 32, "n_layers": 2, "ffn_dim": 64, "max_seq_len": 128},
@@ -184,8 +184,8 @@ def test_qk_clip_brings_each_head_back_to_tau(attention):
     if attention["kind"] == "gqa":
         assert np.all(after <= want * (1 + 1e-5))
         assert np.any(before[0] > tau)
-    else:
-        np.testing.assert_allclose(after, want, rtol=1e-5)
+    else:  # relative to the logits' scale, sound where a head's largest logit is near 0
+        np.testing.assert_allclose(after, want, rtol=1e-5, atol=1e-5 * float(np.abs(before).max()))
 
 
 def test_rope_key_untouched_by_mla_qk_clip():

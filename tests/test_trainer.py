@@ -12,37 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlalm.config import from_dict
+from conftest import ROOT, tiny
 from mlalm.model import Transformer
 from mlalm.optim import build_optimizer, make_schedule, param_labels
-from mlalm.trainer import NonFiniteError, make_train_step, split_model, train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-TINY = {
-    "model": {"vocab_size": 40, "d_model": 32, "n_layers": 2, "ffn_dim": 64, "max_seq_len": 64},
-    "attention": {"kind": "mla", "n_heads": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                  "qk_rope_head_dim": 4, "v_head_dim": 8, "q_lora_rank": 12},
-    "moe": {"n_routed_experts": 4, "top_k": 2, "expert_ffn_dim": 16, "first_k_dense_replace": 1,
-            "dispatch": "dropless"},
-    "train": {"batch_size": 4, "seq_len": 16, "steps": 10},
-    "optim": {"warmup_steps": 2},
-}
-
-
-def tiny(**sections):
-    raw = {k: dict(v) for k, v in TINY.items()}
-    for k, v in sections.items():
-        raw.setdefault(k, {}).update(v)
-    return from_dict(raw)
+from mlalm.train import NonFiniteError, init_state, make_train_step, split_model, train
 
 
 def _state(cfg, steps=10, seed=0):
-    model = Transformer(cfg, rngs=nnx.Rngs(seed))
-    graphdef, params, rest = split_model(model)
     tx, schedule = build_optimizer(cfg, steps)
-    state = {"params": params, "opt_state": tx.init(params), "rest": rest,
-             "step": jnp.zeros((), jnp.int32)}
+    graphdef, state = init_state(cfg, tx, seed=seed)
     return graphdef, tx, schedule, state
 
 
@@ -123,18 +101,18 @@ def test_step_compiles_once_and_learns():
         losses.append(float(m["loss"]))
     assert step._cache_size() == 1  # no recompilation after the first step
     assert losses[-1] < losses[0] - 0.5  # memorising one batch
-    assert int(state["step"]) == 8
+    assert int(state.step) == 8
 
 
 def test_balancing_bias_moves_by_the_rule():
     cfg = tiny(moe={"bias_update_rate": 0.01})
     graphdef, tx, schedule, state = _state(cfg)
-    before = np.asarray(_named(state["rest"])["blocks.1.ffn.bias_E"])
+    before = np.asarray(_named(state.rest)["blocks.1.ffn.bias_E"])
     step = make_train_step(graphdef, tx, schedule, cfg)
     state, m = step(state, _batch(cfg))
     load = np.asarray(m["expert_load"])[0]
     assert load.sum() == cfg.train.batch_size * cfg.train.seq_len * cfg.moe.top_k
-    after = np.asarray(_named(state["rest"])["blocks.1.ffn.bias_E"])
+    after = np.asarray(_named(state.rest)["blocks.1.ffn.bias_E"])
     np.testing.assert_allclose(after, before + 0.01 * np.sign(load.mean() - load), atol=1e-7)
 
 
@@ -146,7 +124,7 @@ def test_grad_accumulation_equals_full_batch():
     for cfg in (cfg1, cfg2):
         graphdef, tx, schedule, state = _state(cfg)
         state, m = make_train_step(graphdef, tx, schedule, cfg)(state, batch)
-        out.append((float(m["loss"]), float(m["grad_norm"]), _named(state["params"])))
+        out.append((float(m["loss"]), float(m["grad_norm"]), _named(state.params)))
     assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
     assert out[0][1] == pytest.approx(out[1][1], rel=1e-4)
     for k in out[0][2]:
@@ -156,25 +134,15 @@ def test_grad_accumulation_equals_full_batch():
 def test_nonfinite_update_is_not_applied():
     cfg = tiny()
     graphdef, tx, schedule, state = _state(cfg)
-    emb = state["params"]["embed_VD"]
+    emb = state.params["embed_VD"]
     emb.set_value(emb[...].at[3].set(jnp.nan))
-    before = _named(jax.tree.map(np.asarray, state["params"]))
+    before = _named(jax.tree.map(np.asarray, state.params))
     batch = _batch(cfg).at[0, 0].set(3)
     state, m = make_train_step(graphdef, tx, schedule, cfg)(state, batch)
     assert not bool(m["finite"])
-    after = _named(state["params"])
+    after = _named(state.params)
     for k in before:
         np.testing.assert_array_equal(np.asarray(after[k]), before[k])
-
-
-@pytest.fixture
-def corpus_file(tmp_path):
-    rng = np.random.default_rng(0)
-    words = ["the", "cat", "sat", "on", "mat", "and", "dog", "ran", "far", "away"]
-    text = "\n".join(" ".join(rng.choice(words, 8)) for _ in range(400))
-    path = tmp_path / "corpus.txt"
-    path.write_text(text)
-    return str(path)
 
 
 def test_train_end_to_end(tmp_path, corpus_file):
@@ -183,7 +151,7 @@ def test_train_end_to_end(tmp_path, corpus_file):
                train={"steps": 40, "run_dir": str(tmp_path / "runs"), "name": "t", "log_every": 10,
                       "eval_every": 20, "eval_batches": 4, "progress": False},
                optim={"lr": 1e-2})
-    summary = train(cfg, log=lambda *_: None)
+    summary = train(cfg, log=lambda *_: None).summary
     run = tmp_path / "runs" / "t"
     rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     steps = [r["step"] for r in rows if "loss" in r]
@@ -258,3 +226,61 @@ def test_cli_trains_on_non_utf8_bytes(tmp_path):
              f"data.cache_dir={tmp_path / 'cache'}", "train.name=bin")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "runs" / "bin" / "metrics.jsonl").is_file()
+
+
+@pytest.mark.parametrize("optim", ["adamw", "muon"])
+def test_one_train_step_under_x64_equals_x64_off(optim):
+    """A user's session with jax_enable_x64 on: the step runs, keeps every state leaf and
+    metric in its x64-off dtype, and gives the same numbers (before: the Pallas kernels
+    crashed on int32/int64 mixing, and Muon's state grew a float64 leaf)."""
+    cfg = tiny(optim={"name": optim, "qk_clip_tau": 50.0}, train={"grad_accum": 2})
+    batch = np.asarray(_batch(cfg))
+    out = []
+    for x64 in (False, True):
+        with jax.enable_x64(x64):
+            graphdef, tx, schedule, state = _state(cfg)
+            state, m = make_train_step(graphdef, tx, schedule, cfg)(state, jnp.asarray(batch, jnp.int32))
+            out.append(([(a.dtype, np.asarray(a)) for a in jax.tree.leaves(state)],
+                        {k: (v.dtype, np.asarray(v)) for k, v in m.items()}))
+    (leaves32, m32), (leaves64, m64) = out
+    assert len(leaves32) == len(leaves64)
+    for (d32, a32), (d64, a64) in zip(leaves32, leaves64):
+        assert d32 == d64
+        np.testing.assert_allclose(a64, a32, rtol=1e-5, atol=1e-6)
+    for k in m32:
+        assert m32[k][0] == m64[k][0], k
+        np.testing.assert_allclose(m64[k][1], m32[k][1], rtol=1e-5, atol=1e-6)
+
+
+def test_an_update_that_would_write_nan_is_not_applied():
+    """Loss and gradients finite, the update not (AdamW with eps=0 on a zero gradient did
+    this to the embedding): the old state is kept and the step reports it (before: NaN
+    parameters were checkpointed and every rerun loaded them again)."""
+    import optax
+    cfg = tiny()
+    nan_update = optax.GradientTransformation(
+        lambda params: optax.EmptyState(),
+        lambda updates, state, params=None: (jax.tree.map(lambda u: u * jnp.nan, updates), state))
+    graphdef, state = init_state(cfg, nan_update, seed=0)
+    before = _named(jax.tree.map(np.asarray, state.params))
+    _, schedule = build_optimizer(cfg, 10)
+    state, m = make_train_step(graphdef, nan_update, schedule, cfg)(state, _batch(cfg))
+    assert bool(m["finite"]) and not bool(m["applied"])
+    after = _named(state.params)
+    for k in before:
+        np.testing.assert_array_equal(np.asarray(after[k]), before[k])
+    assert int(state.step) == 1
+
+
+def test_skipping_stops_after_the_configured_consecutive_skips(tmp_path, corpus_file):
+    """on_nonfinite=skip must not 'finish' with a NaN validation loss: after
+    train.max_consecutive_skips skips in a row the run stops with an error, and writes
+    no summary."""
+    cfg = tiny(model={"vocab_size": None},
+               data={"path": corpus_file, "cache_dir": str(tmp_path / "cache")},
+               train={"steps": 20, "run_dir": str(tmp_path / "runs"), "name": "s", "progress": False,
+                      "on_nonfinite": "skip", "max_consecutive_skips": 3},
+               optim={"lr": 1e30, "warmup_steps": 0, "clip_norm": 0.0, "schedule": "constant"})
+    with pytest.raises(NonFiniteError, match="3 consecutive steps skipped"):
+        train(cfg, log=lambda *_: None)
+    assert not (tmp_path / "runs" / "s" / "summary.json").exists()
