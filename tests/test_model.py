@@ -1,7 +1,9 @@
 """mlalm.model against independent numpy references (float64, per-head / per-token loops).
 
 Nothing here is compared against another output of the code under test: every expected
-value is computed from the formulas in DESIGN.md section 3 with the module's own weights.
+value is computed from the formulas in docs/architecture.md ("MLA", "DeepSeekMoE") with
+the module's own weights.  Errors are ``tests/numerics.err`` (sound where a reference
+vanishes).
 Models are tiny (d_model 32, <= 3 layers, vocab 50, T <= 12) to keep the file fast on CPU.
 """
 
@@ -17,8 +19,10 @@ from mlalm.config import from_dict
 from mlalm.model import Transformer, count_params, kv_cache_bytes_per_token_per_layer
 from mlalm.model.attention import make_attention
 from mlalm.model.layers import BalanceBias, rope_tables
+from mlalm.model.loss import lm_head_cross_entropy
 from mlalm.model.moe import (balance_bias_update, dispatch_capacity, dispatch_dropless, route,
                              sequence_balance_loss)
+from numerics import assert_close, float64_ops
 
 V, D = 50, 32
 EPS = 1e-6
@@ -94,13 +98,12 @@ def f64(v):
     return np.asarray(jnp.asarray(v, jnp.float32), np.float64)
 
 
-def close(got, want, rtol=1e-5):
-    """max |got - want| <= rtol * max |want| (a relative tolerance robust to tiny entries)."""
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    err, scale = np.abs(got - want).max(), np.abs(want).max()
-    assert scale > 0
-    assert err <= rtol * scale, f"max err {err:.3e} vs scale {scale:.3e} (rtol {rtol})"
+def close(got, want, rtol=1e-5, scale=0.0):
+    """err(got, want, scale) <= rtol (tests/numerics.py): max|got - want| relative to
+    max(max|want|, scale).  Without a floor where the compared array as a whole cannot
+    vanish (logits, attention outputs, router scores, expert outputs); a reference that
+    did would read as an infinite error, never as a pass."""
+    assert_close(got, want, rtol=rtol, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------
@@ -161,7 +164,8 @@ def mha_ref(attn, x_BTD, pos_BT, theta=THETA):
 
 
 def mla_ref(attn, x_BTD, pos_BT, theta=THETA):
-    """MLA from DESIGN.md: q (opt. LoRA), latent c = RMSNorm(.), one shared rope key."""
+    """MLA (docs/architecture.md, "MLA"): q (opt. LoRA), latent c = RMSNorm(.), one
+    shared rope key."""
     dn, dr, dv, R, N = attn.dn, attn.dr, attn.dv, attn.R, attn.n_heads
     wkv_a, wkv_b, wo = f64(attn.wkv_a_DR), f64(attn.wkv_b_RNH), f64(attn.wo_NHD)
     kv_scale = f64(attn.kv_norm.scale)
@@ -826,12 +830,158 @@ def test_attention_core_gradients_match_float64(N, K, blocks):
     p = np.exp(s - s.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     dp = np.einsum("btng,bsng->bnts", w, vv)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    delta = (dp * p).sum(-1, keepdims=True)
+    ds = p * (dp - delta)
     want_dq = scale * np.einsum("bnts,bsnh->btnh", ds, kk)
     want_dk = (scale * np.einsum("bnts,btnh->bsnh", ds, q)).reshape(B, T, K, g, H).sum(3)
     want_dv = np.einsum("bnts,btng->bsng", p, w).reshape(B, T, K, g, G).sum(3)
+    # floors: the same sums over |terms| (query 0 sees one key, so its dq is exactly 0)
+    ds_abs = p * (np.abs(dp) + np.abs(delta))
+    floors = (scale * np.einsum("bnts,bsnh->btnh", ds_abs, np.abs(kk)).max(),
+              (scale * np.einsum("bnts,btnh->bsnh", ds_abs, np.abs(q))
+               ).reshape(B, T, K, g, H).sum(3).max(),
+              np.einsum("bnts,btng->bsng", p, np.abs(w)).reshape(B, T, K, g, G).sum(3).max())
     args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
     grads = jax.grad(lambda q, k, v: jnp.sum(jnp.asarray(w, jnp.float32) * attention_core(
         q, k, v, scale=scale, q_blocks=blocks)[0]), argnums=(0, 1, 2))(*args)
-    for got, want in zip(grads, (want_dq, want_dk, want_dv)):
-        close(got, want, rtol=2e-5)
+    for got, want, floor in zip(grads, (want_dq, want_dk, want_dv), floors):
+        close(got, want, rtol=2e-5, scale=floor)
+
+
+# ---------------------------------------------------------------------------------------
+# jax_enable_x64: float32 models stay float32 (x64 switched on inside each test only)
+# ---------------------------------------------------------------------------------------
+
+def _loss_and_logits(graphdef, rest, tokens_BT1, chunk):
+    """params -> (mean next-token NLL + 0.01 balance loss, logits): the plain logits path,
+    or with ``chunk`` the fused head + cross-entropy of mlalm.model.loss."""
+    def f(params):
+        model = nnx.merge(graphdef, params, rest)
+        h, aux = model.hidden(tokens_BT1[:, :-1])
+        labels = tokens_BT1[:, 1:]
+        logits = model.logits(h)
+        if chunk:
+            nll = lm_head_cross_entropy(h, model.head_weight(), labels, chunk_tokens=chunk)
+        else:
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            nll = jnp.mean(lse - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0])
+        return nll + 0.01 * aux["balance_loss"], logits
+    return f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attn, dispatch, chunk", [
+    ("mla", "dropless", 0), ("mla_qlora", "capacity", 8), ("mha", "capacity", 0),
+    ("gqa", "dropless", 8), ("mqa", "dropless", 0)])
+def test_x64_forward_and_grad_stay_float32(attn, dispatch, chunk):
+    """With jax_enable_x64 on, a float32 model (dense layer, then MoE with either dispatch;
+    plain or fused loss) fed int64 tokens computes in float32 throughout -- no float64
+    value in forward or backward -- and gives the float64 reference's logits and the
+    x64-off loss and gradients."""
+    # capacity_factor = E: C = N k, nothing dropped, so the dropless reference applies
+    moe = dict(MOE, dispatch=dispatch, capacity_factor=float(MOE["n_routed_experts"]),
+               first_k_dense_replace=1)
+    cfg = make_cfg(attn, moe=moe)
+    tokens = np.random.default_rng(12).integers(0, V, (2, 13))
+
+    def run():
+        model = build(cfg, seed=13, bias_std=0.05)
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        f = jax.value_and_grad(_loss_and_logits(graphdef, rest, jnp.asarray(tokens), chunk),
+                               has_aux=True)
+        (loss, logits), grads = jax.jit(f)(params)
+        return model, f, params, loss, logits, grads
+
+    _, _, _, loss32, _, grads32 = run()
+    with jax.enable_x64(True):
+        assert jnp.asarray(tokens).dtype == jnp.int64
+        model, f, params, loss, logits, grads = run()
+        assert float64_ops(f, params) == []
+    assert loss.dtype == logits.dtype == jnp.float32
+    close(logits, transformer_ref(model, tokens[:, :-1])[0], 1e-5)
+    assert_close(loss, loss32, rtol=1e-6, what="loss: x64 on vs off")
+    g64, g32 = nnx.to_flat_state(grads), nnx.to_flat_state(grads32)
+    assert [p for p, _ in g64] == [p for p, _ in g32]
+    for (path, g), (_, g_off) in zip(g64, g32):
+        assert g[...].dtype == jnp.float32, path
+        # per leaf, relative: no parameter's gradient vanishes as a whole here
+        assert_close(g[...], g_off[...], rtol=1e-6, what=f"{path}: x64 on vs off")
+
+
+@pytest.mark.parametrize("attn, absorbed, impl", [
+    pytest.param("mla", True, "xla", id="mla-absorbed"),
+    pytest.param("mla_qlora", False, "xla", id="mla-expanded"),
+    pytest.param("mla", True, "pallas", id="mla-pallas_decode", marks=pytest.mark.slow),
+    pytest.param("gqa", True, "xla", id="gqa")])
+def test_x64_forward_cached_stays_float32(attn, absorbed, impl):
+    """With x64 on and int64 positions, prefill then two decode steps over a float32 cache
+    (MLA latent or expanded, GQA; the mla_decode kernel for impl=pallas) stay float32,
+    hold no float64 value, and give the float64 reference's logits."""
+    cfg = make_cfg(dict(ATTN[attn], impl=impl), moe=dict(MOE, first_k_dense_replace=1))
+    tokens = np.random.default_rng(14).integers(0, V, (2, 8))
+    want = transformer_ref(build(cfg, seed=15), tokens)[0]
+    step = nnx.jit(lambda m, t, p, c: m.forward_cached(t, p, c))
+    with jax.enable_x64(True):
+        model = build(cfg, seed=15)
+        caches = model.init_cache_layers(2, 16, jnp.float32, absorbed=absorbed)
+        pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+        assert pos.dtype == jnp.int64
+        tok = jnp.asarray(tokens)
+        h, caches = step(model, tok[:, :6], pos[:, :6], caches)
+        outs = [model.logits(h)]
+        for t in (6, 7):
+            if t == 7:  # the decode step itself holds no float64 value
+                assert float64_ops(lambda t_, p_, c_: model.forward_cached(t_, p_, c_),
+                                   tok[:, t:t + 1], pos[:, t:t + 1], caches) == []
+            h, caches = step(model, tok[:, t:t + 1], pos[:, t:t + 1], caches)
+            outs.append(model.logits(h))
+    assert all(c.dtype == jnp.float32 for c in jax.tree.leaves(caches))
+    logits = np.concatenate([np.asarray(o) for o in outs], axis=1)
+    assert all(o.dtype == jnp.float32 for o in outs)
+    close(logits, want, 1e-5)
+
+
+@pytest.mark.parametrize("attn", ["mla", "mla_qlora", "gqa"])
+def test_x64_qk_clip_and_bias_update_stay_float32(attn):
+    """The in-step model updates (QK-clip, balancing-bias step) under x64: no float64
+    value, float32 weights, and the formulas: head n's query by sqrt(gamma_n) (MLA: its
+    rope part by gamma_n), MLA's k_nope by sqrt(gamma_n), a GQA kv head's key by the sqrt
+    of its query heads' smallest gamma; b += rate·sign(mean(load) - load)."""
+    cfg = make_cfg(attn, moe=dict(MOE, first_k_dense_replace=1))
+    model = build(cfg, seed=16, bias_std=0.05)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tau, rate = 2.0, 0.01
+    max_logit = np.array([[1.0, 3.0, 8.0, 2.5], [4.0, 0.5, 2.0, 16.0]], np.float32)
+    load = np.array([[3, 0, 9, 4, 4, 4, 5, 3]], np.float32)
+
+    def update(params, rest, max_logit_LN, load_LE):
+        m = nnx.merge(graphdef, params, rest)
+        m.apply_qk_clip(max_logit_LN, tau)
+        m.update_balance_biases(load_LE, rate)
+        return nnx.split(m, nnx.Param, ...)[1:]
+
+    with jax.enable_x64(True):
+        args = (params, rest, jnp.asarray(max_logit), jnp.asarray(load))
+        assert float64_ops(update, *args) == []
+        new_params, new_rest = jax.jit(update)(*args)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves((new_params, new_rest)))
+    new = nnx.merge(graphdef, new_params, new_rest)
+    gamma = np.minimum(1.0, tau / max_logit.astype(np.float64))
+    for layer in range(2):
+        old_a, new_a, g = model.blocks[layer].attn, new.blocks[layer].attn, gamma[layer]
+        if attn.startswith("mla"):
+            dn = old_a.dn
+            wq = "wq_b_QNH" if old_a.q_lora else "wq_DNH"
+            q_scale = np.concatenate([np.repeat(np.sqrt(g)[:, None], dn, 1),
+                                      np.repeat(g[:, None], old_a.dr, 1)], 1)
+            kv_scale = np.concatenate([np.repeat(np.sqrt(g)[:, None], dn, 1),
+                                       np.ones((len(g), old_a.dv))], 1)
+            close(f64(getattr(new_a, wq)), f64(getattr(old_a, wq)) * q_scale, 1e-6)
+            close(f64(new_a.wkv_b_RNH), f64(old_a.wkv_b_RNH) * kv_scale, 1e-6)
+        else:
+            K = old_a.wk_DKH.shape[1]
+            gk = np.sqrt(g.reshape(K, -1).min(1))
+            close(f64(new_a.wq_DNH), f64(old_a.wq_DNH) * np.sqrt(g)[None, :, None], 1e-6)
+            close(f64(new_a.wk_DKH), f64(old_a.wk_DKH) * gk[None, :, None], 1e-6)
+    bias = f64(model.blocks[1].ffn.bias_E)
+    close(f64(new.blocks[1].ffn.bias_E), bias + rate * np.sign(load[0].mean() - load[0]), 1e-6)

@@ -124,6 +124,29 @@ class _Cfg:
     compiler_params: object = None
 
 
+# Index arithmetic is int32 throughout, whatever jax_enable_x64 says: program_id is int32,
+# and a Python int handed to lax.rem/lax.div would become int64 under x64 (lax ops do not
+# promote: int32 op int64 is a TypeError).  Loop counters likewise (see _fori).
+_i32 = jnp.int32
+
+
+def _fori(lo, hi, body, init):
+    """``lax.fori_loop(lo, hi, body, init)`` whose index is int32 whatever jax_enable_x64 says.
+
+    With static bounds fori_loop becomes a scan whose counter is a Python int (int64 under
+    x64; Mosaic then fails to verify the cast back to int32), so that case is the same
+    scan written out with an int32 counter -- the (i, carry) -> (i + 1, ...) form Pallas
+    lowers as a for loop.  Traced bounds are int32 already and give an int32 index.
+    """
+    if isinstance(lo, int) and isinstance(hi, int):
+        def step(carry, _):
+            j, x = carry
+            return (j + 1, body(j, x)), None
+        (_, out), _ = lax.scan(step, (_i32(lo), init), None, length=max(hi - lo, 0))
+        return out
+    return lax.fori_loop(lo, hi, body, init)
+
+
 def _dot(a, b, ca, cb, precision):
     """a·b contracting a's dim ca with b's dim cb, accumulated in float32."""
     return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision,
@@ -149,13 +172,13 @@ def _causal_key_blocks(cfg: _Cfg, q_start, bq, bk):
     if not cfg.causal:
         return n
     # the block's last row sees keys up to q_start + bq - 1 + offset: ceil((.. + 1) / bk)
-    hi = lax.div(q_start + bq + cfg.offset + bk - 1, bk)
+    hi = lax.div(q_start + bq + cfg.offset + bk - 1, _i32(bk))
     return jnp.minimum(jnp.maximum(hi, 0), n)
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, mx_ref, *, cfg: _Cfg):
     bq, bk = cfg.bq, cfg.bk
-    q_start = lax.rem(pl.program_id(2), cfg.t_pad // bq) * bq  # position within its head
+    q_start = lax.rem(pl.program_id(2), _i32(cfg.t_pad // bq)) * bq  # position within its head
     q = q_ref[...]
     G = v_ref.shape[-1]
 
@@ -179,7 +202,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, mx_ref, *, cfg: _Cfg):
 
     init = (jnp.zeros((bq, G), jnp.float32), jnp.full((bq, 1), NEG_INF, jnp.float32),
             jnp.zeros((bq, 1), jnp.float32))
-    acc, m, l = lax.fori_loop(0, _causal_key_blocks(cfg, q_start, bq, bk), body, init)
+    acc, m, l = _fori(0, _causal_key_blocks(cfg, q_start, bq, bk), body, init)
     empty = l == 0.0  # no visible key (causal with T > S): output 0, L = +inf so p = 0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
@@ -188,7 +211,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, mx_ref, *, cfg: _Cfg):
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: _Cfg):
     bq, bk = cfg.bq_dq, cfg.bk_dq
-    q_start = lax.rem(pl.program_id(2), cfg.t_pad // bq) * bq
+    q_start = lax.rem(pl.program_id(2), _i32(cfg.t_pad // bq)) * bq
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
 
     def body(j, dq):
@@ -202,8 +225,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
         ds = p * (_dot(do, v, 1, 1, cfg.precision) - delta)           # dS = p ∘ (dP - δ)
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, cfg.precision)
 
-    dq = lax.fori_loop(0, _causal_key_blocks(cfg, q_start, bq, bk), body,
-                       jnp.zeros(q.shape, jnp.float32))
+    dq = _fori(0, _causal_key_blocks(cfg, q_start, bq, bk), body,
+               jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
@@ -214,7 +237,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
     k_start = pl.program_id(2) * bk
     k, v = k_ref[...], v_ref[...]
     # causal: the first query block with a row i such that k_start <= i + offset
-    lo = jnp.minimum(jnp.maximum(lax.div(k_start - cfg.offset, bq), 0), nq) if cfg.causal else 0
+    lo = (jnp.minimum(jnp.maximum(lax.div(k_start - cfg.offset, _i32(bq)), 0), nq)
+          if cfg.causal else 0)
 
     def q_block(i, carry, head):
         dk, dv = carry
@@ -233,10 +257,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         return dk, dv
 
     def head(h, carry):  # the g query heads sharing this kv head add into one dk, dv
-        return lax.fori_loop(lo, nq, functools.partial(q_block, head=h), carry)
+        return _fori(lo, nq, functools.partial(q_block, head=h), carry)
 
     init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = lax.fori_loop(0, cfg.g, head, init)
+    dk, dv = _fori(0, cfg.g, head, init)
     dk_ref[...] = (dk * cfg.sm_scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mlalm.kernels.flash_attention import _MIN_BLOCK, NEG_INF, _dot, _fit, _round_up
+from mlalm.kernels.flash_attention import (_MIN_BLOCK, NEG_INF, _dot, _fit, _fori, _i32,
+                                           _round_up)
 
 _TARGET_PROGRAMS = 128  # about one program per SM on an H100 (132 SMs)
 
@@ -59,7 +60,7 @@ def _decode_kernel(len_ref, qa_ref, qp_ref, c_ref, kp_ref, acc_ref, m_ref, l_ref
     length = len_ref[pl.program_id(0), 0]
     start = pl.program_id(1) * chunk  # first cache position of this split
     # only blocks holding a position < length: ceil((length - start) / block_s), clipped
-    n_blocks = jnp.minimum(jnp.maximum(lax.div(length - start + block_s - 1, block_s), 0),
+    n_blocks = jnp.minimum(jnp.maximum(lax.div(length - start + block_s - 1, _i32(block_s)), 0),
                            chunk // block_s)
     qa, qp = qa_ref[...], qp_ref[...]
     N, R = qa.shape
@@ -81,7 +82,7 @@ def _decode_kernel(len_ref, qa_ref, qp_ref, c_ref, kp_ref, acc_ref, m_ref, l_ref
 
     init = (jnp.zeros((N, R), jnp.float32), jnp.full((N, 1), NEG_INF, jnp.float32),
             jnp.zeros((N, 1), jnp.float32))
-    acc, m, l = lax.fori_loop(0, n_blocks, body, init)
+    acc, m, l = _fori(0, n_blocks, body, init)
     acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
 

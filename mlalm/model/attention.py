@@ -154,7 +154,8 @@ def cached_attention(q_BTNH, k_BSKH, v_BSKG, positions_BT, *, scale: float):
 
 def absorbed_mla_attention(q_abs_BTNR, q_pe_BTNP, c_kv_BSR, k_pe_BSP, positions_BT, *,
                            scale: float):
-    """MLA over the latent cache with W_UK absorbed into the query (DESIGN.md §3):
+    """MLA over the latent cache with W_UK absorbed into the query (see "MLA" in
+    docs/architecture.md):
 
         s_ns = scale · (q_abs_n · c_kv_s + q_pe_n · k_pe_s),   s <= position
         o_n  = Σ_s softmax(s_n)_s c_kv_s                       (latent output, width R)
@@ -363,7 +364,7 @@ class MLAttention(nnx.Module):
                                    jnp.broadcast_to(gamma_N[:, None], (self.n_heads, self.dr))], axis=1)
         wq.set_value(wq[...] * q_scale[None].astype(wq.dtype))
         kv_scale = jnp.concatenate([jnp.broadcast_to(g[:, None], (self.n_heads, dn)),
-                                    jnp.ones((self.n_heads, self.dv))], axis=1)
+                                    jnp.ones((self.n_heads, self.dv), g.dtype)], axis=1)
         self.wkv_b_RNH.set_value(self.wkv_b_RNH[...] * kv_scale[None].astype(self.wkv_b_RNH.dtype))
 
 
