@@ -188,6 +188,18 @@ def check_sampling(max_new_tokens, temperature, top_k, top_p) -> None:
         raise ConfigError(f"top_p={top_p}: must be in (0, 1] (1 disables it)")
 
 
+def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
+    """ConfigError unless a prompt of ``prompt_len`` tokens and ``max_new_tokens`` new ones
+    fit in the model's context, ``model.cfg.model.max_seq_len`` positions."""
+    limit = model.cfg.model.max_seq_len
+    if prompt_len + max_new_tokens > limit:
+        room = (f"use max_new_tokens <= {limit - prompt_len}" if prompt_len < limit
+                else "shorten the prompt")
+        raise ConfigError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = "
+                          f"{prompt_len + max_new_tokens} exceeds the model's max_seq_len={limit}: "
+                          f"{room}")
+
+
 # ---------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------
@@ -196,18 +208,26 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
              absorbed: bool = True, eos_id: int | None = None,
              on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
-    """Sample up to ``max_new_tokens`` tokens after each prompt, all prompts in one batch.
+    """Token ids in, token ids out: sample up to ``max_new_tokens`` ids after each prompt,
+    all prompts in one batch.  For text use :func:`generate_text`, which encodes,
+    calls this and decodes.
+
+    Every prompt must fit with its new tokens in the model's context:
+    ``len(prompt) + max_new_tokens <= model.cfg.model.max_seq_len`` (positions past it
+    were never trained, and the model would produce garbage there), else ConfigError.
 
     Args:
         prompts: token ids per prompt (lengths may differ, each >= 1).
+        max_new_tokens: the most ids to sample per prompt (fewer if a row emits eos_id).
         temperature: 0 is greedy; top_k (0: off) and top_p (1: off) filter before sampling.
         seed: of the jax PRNG key (step i draws with fold_in(key, i)).
         absorbed: MLA only: latent cache with weight absorption, or the expanded cache.
         eos_id: a row stops after emitting it (the eos token is included in its output).
+            None (the default) never stops early; generate_text passes the tokenizer's.
         on_token: called as ``on_token(step, tokens_B)`` with int numpy tokens after each
             step, -1 for rows that had already stopped (for streaming).
     Returns:
-        the new tokens of each prompt.
+        the new token ids of each prompt (lists of int, eos_id included when emitted).
     """
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     V = model.cfg.model.vocab_size
@@ -218,6 +238,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
             raise DataError(f"prompt {i} is empty: give at least one token")
         if min(p) < 0 or max(p) >= V:
             raise DataError(f"prompt {i} has token ids outside [0, {V}) (the model's vocab_size)")
+    check_length(model, max(len(p) for p in prompts), max_new_tokens)
     B, lengths = len(prompts), [len(p) for p in prompts]
     T = _round_up(max(lengths), 8)  # shape buckets: fewer recompilations across calls
     tokens_BT = np.zeros((B, T), np.int32)
@@ -251,15 +272,21 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
 
 def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
                   stream: Callable[[str], None] | None = None, **kw) -> list[str]:
-    """:func:`generate` on text: encode, generate, decode (stops at ``tokenizer.eos_id``).
+    """Strings in, strings out: encode each prompt with ``tokenizer``, :func:`generate`
+    (which works on token ids), and decode the new ids; stops a row at ``tokenizer.eos_id``.
+
+    The length limit of :func:`generate` applies to the encoded prompts (ConfigError
+    when ``len(encode(prompt)) + max_new_tokens > model.cfg.model.max_seq_len``).
 
     Args:
-        tokenizer: ``encode(str) -> ids``, ``decode(ids) -> str`` (mlalm.data.tokenizers).
+        tokenizer: ``encode(str) -> ids``, ``decode(ids) -> str`` and ``eos_id``
+            (mlalm.data.tokenizers).
+        prompts: the prompt texts.
         stream: called with each new piece of the FIRST prompt's completion as its tokens
             arrive; a piece is held back while it ends inside a multi-byte character.
         kw: passed to :func:`generate` (temperature, top_k, top_p, seed, absorbed).
     Returns:
-        the decoded completion of each prompt.
+        the decoded completion of each prompt (the prompt not included, eos removed).
     """
     ids = [[int(t) for t in tokenizer.encode(p)] for p in prompts]
     eos = getattr(tokenizer, "eos_id", None)

@@ -8,6 +8,10 @@
 One prompt: its completion is printed as the tokens arrive.  Several: they are decoded
 in one batch and each prompt + completion is printed at the end.  MLA models decode
 with the latent cache and weight absorption unless --no-absorb is given.
+
+A prompt and its completion must fit in the model's context (model.max_seq_len
+tokens): a --max-new-tokens that does not fit is lowered to what fits, with a warning
+on stderr; a prompt that alone fills the context is an error (exit status 2).
 """
 
 from __future__ import annotations
@@ -27,7 +31,10 @@ def parse_args(argv=None):
                    help="a run directory or one of its checkpoints")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--max-new-tokens", type=int, default=100,
+                   help="new tokens per prompt; lowered (with a warning on stderr) to "
+                        "the model's max_seq_len minus the longest prompt's tokens when "
+                        "larger; a prompt that alone fills max_seq_len exits with status 2")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
@@ -37,11 +44,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def fit_max_new_tokens(model, tokenizer, prompts, max_new_tokens: int) -> int:
+    """``max_new_tokens``, lowered so that the longest encoded prompt plus the new tokens
+    fit in ``model.cfg.model.max_seq_len`` (one-line warning on stderr when lowered).  A
+    prompt that alone fills the context raises ConfigError (nothing is printed)."""
+    from mlalm.generate import check_length
+    limit = model.cfg.model.max_seq_len
+    longest = max(len(tokenizer.encode(p)) for p in prompts)
+    if longest >= limit:
+        check_length(model, longest, max_new_tokens)  # raises: no room for any new token
+    if longest + max_new_tokens <= limit:
+        return max_new_tokens
+    fitted = limit - longest
+    print(f"warning: --max-new-tokens {max_new_tokens} lowered to {fitted}: the longest prompt "
+          f"has {longest} tokens and the model's max_seq_len is {limit}", file=sys.stderr)
+    return fitted
+
+
 def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
     """Generate for ``args.prompt`` and print to ``out`` (streaming a single prompt)."""
     from mlalm.generate import generate_text
     kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               seed=args.seed, absorbed=not args.no_absorb)
+    max_new_tokens = fit_max_new_tokens(model, tokenizer, args.prompt, args.max_new_tokens)
     single = len(args.prompt) == 1
 
     def stream(piece: str) -> None:
@@ -51,7 +76,7 @@ def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
     if single:
         stream(args.prompt[0])
     t0 = time.perf_counter()
-    texts = generate_text(model, tokenizer, args.prompt, args.max_new_tokens,
+    texts = generate_text(model, tokenizer, args.prompt, max_new_tokens,
                           stream=stream if single else None, **kw)
     seconds = time.perf_counter() - t0
     if single:
@@ -60,7 +85,7 @@ def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
         for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
             out.write(f"--- [{i}] ---\n{prompt}{text}\n")
     out.flush()
-    print(f"[{len(args.prompt)} prompt(s), up to {args.max_new_tokens} new tokens each, "
+    print(f"[{len(args.prompt)} prompt(s), up to {max_new_tokens} new tokens each, "
           f"{seconds:.2f} s including compilation]", file=sys.stderr)
     return texts
 
@@ -73,7 +98,7 @@ def main(argv=None) -> int:
             raise CheckpointError(f"{args.path}: no such checkpoint or run directory")
         from mlalm.generate import check_sampling
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # fail fast
-        from mlalm.checkpoint import load_for_inference
+        from mlalm.inference import load_for_inference
         model, _cfg, tokenizer = load_for_inference(args.path)
         run(model, tokenizer, args)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -5,7 +5,8 @@
   next token its argmax at the last real position.  The sequence sits in a fixed-length
   buffer padded after its end, so one compiled program serves every step: by causality
   the logits at position n-1 do not depend on the padding after it.
-* Cache sizes against the per-token formulas of DESIGN.md §3, written out by hand.
+* Cache sizes against the per-token formulas of the "KV cache" section of
+  docs/architecture.md, written out by hand.
 * Sampling filters against a numpy nucleus / top-k reference; temperature sampling
   frequencies against softmax(logits / T).
 
@@ -287,6 +288,26 @@ def test_bad_sampling_arguments():
         generate(model, [[1, V]], 2)
 
 
+def test_generate_refuses_to_run_past_max_seq_len():
+    """max_seq_len is 32 (make_cfg); the longest prompt has 7 tokens: 25 new tokens fit,
+    26 would put the sequence at 33 positions."""
+    from mlalm.errors import ConfigError
+    from mlalm.generate import generate_text
+    model = model_for("mla")
+    assert model.cfg.model.max_seq_len == 32 and max(map(len, PROMPTS)) == 7
+    with pytest.raises(ConfigError, match=r"prompt of 7 tokens \+ max_new_tokens=26 = 33 exceeds "
+                                          r"the model's max_seq_len=32: use max_new_tokens <= 25"):
+        generate(model, PROMPTS, 26)
+    out = generate(model, PROMPTS, 25)
+    assert [len(o) for o in out] == [25, 25]
+    assert [o[:N_NEW] for o in out] == reference_for("mla")[0]
+    tok = ByteTokenizer()
+    with pytest.raises(ConfigError, match=r"prompt of 30 tokens \+ max_new_tokens=3 = 33 exceeds"):
+        generate_text(model, tok, ["x" * 30], 3)
+    with pytest.raises(ConfigError, match=r"prompt of 32 tokens .* shorten the prompt"):
+        generate(model, [[1] * 32], 1)
+
+
 # ---------------------------------------------------------------------------------------
 # scripts/generate.py
 # ---------------------------------------------------------------------------------------
@@ -306,9 +327,9 @@ def test_script_streams_and_reports_errors(monkeypatch, capsys, tmp_path):
     assert "missing" in capsys.readouterr().err
 
     model, tok = model_for("mla"), ByteTokenizer()
-    fake = types.ModuleType("mlalm.checkpoint")
+    fake = types.ModuleType("mlalm.inference")
     fake.load_for_inference = lambda path: (model, model.cfg, tok)
-    monkeypatch.setitem(sys.modules, "mlalm.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "mlalm.inference", fake)
     prompt = "abc"
     assert script.main([str(tmp_path), "--prompt", prompt, "--max-new-tokens", str(N_NEW)]) == 0
     new = generate(model, [list(tok.encode(prompt))], N_NEW, eos_id=tok.eos_id)[0]
@@ -319,3 +340,26 @@ def test_script_streams_and_reports_errors(monkeypatch, capsys, tmp_path):
                         "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "--- [0] ---\na" in out and "--- [1] ---\nbcd" in out
+
+
+def test_script_lowers_max_new_tokens_to_the_context(monkeypatch, capsys, tmp_path):
+    """max_seq_len 32, prompt "abc" (3 byte tokens): --max-new-tokens 100 becomes 29 with a
+    warning; a prompt of 32 tokens leaves no room: exit status 2, nothing on stdout."""
+    script = _load_script()
+    model, tok = model_for("mla"), ByteTokenizer()
+    fake = types.ModuleType("mlalm.inference")
+    fake.load_for_inference = lambda path: (model, model.cfg, tok)
+    monkeypatch.setitem(sys.modules, "mlalm.inference", fake)
+    assert script.main([str(tmp_path), "--prompt", "abc", "--max-new-tokens", "100"]) == 0
+    captured = capsys.readouterr()
+    assert "warning: --max-new-tokens 100 lowered to 29" in captured.err
+    new = generate(model, [list(tok.encode("abc"))], 29, eos_id=tok.eos_id)[0]
+    assert captured.out == "abc" + tok.decode([t for t in new if t != tok.eos_id]) + "\n"
+
+    assert script.main([str(tmp_path), "--prompt", "x" * 32, "--max-new-tokens", "5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "exceeds the model's max_seq_len=32" in captured.err
+    with pytest.raises(SystemExit):  # and --help says so
+        script.parse_args(["--help"])
+    assert "lowered" in capsys.readouterr().out
