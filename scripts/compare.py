@@ -34,7 +34,25 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+
+
+class Progress:
+    """'run k of N' and an ETA from the mean time of the runs executed so far."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.ran, self.seconds = total, 0, 0, 0.0
+
+    def start(self, name: str, reused: bool = False) -> str:
+        self.done += 1
+        head = f"[compare] run {self.done} of {self.total}: {name}"
+        if reused:
+            return head + ": done before, reusing"
+        left = self.total - self.done + 1
+        eta = f" (ETA {left * self.seconds / self.ran / 60:.0f} min)" if self.ran else ""
+        return head + " ..." + eta
+
+    def finished(self, seconds: float) -> None:
+        self.ran, self.seconds = self.ran + 1, self.seconds + seconds
 
 
 def parse_grid(items):
@@ -75,10 +93,11 @@ def run_one(args, cell: dict, seed: int, lr: str | None, out: str) -> dict:
     cmd += overrides
     path = os.path.join(run_dir, name)
     row = {**{k: _split_value(v)[0] for k, v in cell.items()}, "seed": seed, "lr": lr, "run": name}
+    progress = getattr(args, "progress", None) or Progress(1)
     if os.path.isfile(os.path.join(path, "summary.json")) and not args.rerun:
-        print(f"[compare] {name}: done before, reusing", flush=True)
+        print(progress.start(name, reused=True), flush=True)
     else:
-        print(f"[compare] {name} ...", flush=True)
+        print(progress.start(name), flush=True)
         t0 = time.time()
         with open(os.path.join(out, "logs", name + ".log"), "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -86,6 +105,7 @@ def run_one(args, cell: dict, seed: int, lr: str | None, out: str) -> dict:
         code = os.waitstatus_to_exitcode(status)
         with open(os.path.join(path, "peak_memory.json") if os.path.isdir(path) else os.devnull, "w") as f:
             json.dump({"max_rss_bytes": usage.ru_maxrss * 1024}, f)
+        progress.finished(time.time() - t0)
         print(f"[compare] {name}: exit {code} in {time.time() - t0:.0f}s", flush=True)
         if code != 0 and not os.path.isdir(path):
             return {**row, "status": "failed"}
@@ -284,6 +304,7 @@ def main(argv=None) -> int:
     keys = list(grid)
     cells = [dict(zip(keys, values)) for values in itertools.product(*grid.values())] or [{}]
     rows = []
+    args.progress = Progress(len(cells) * (len(lrs) + len(seeds) - 1))
     for cell in cells:
         sweep = [run_one(args, cell, seeds[0], lr, args.out) for lr in lrs]
         ok = [r for r in sweep if r.get("status") == "ok" and math.isfinite(r["final_val_loss"])]

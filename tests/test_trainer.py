@@ -193,13 +193,24 @@ def _cli(*args, cwd=None, env_extra=None):
     (lambda d: ["train.seq_len=4096"], "above model.max_seq_len"),
     (lambda d: ["data.tokenizer=wordpiece"], "data.tokenizer"),
     (lambda d: ["model.n_layer=3"], "did you mean 'n_layers'"),
+    (lambda d: ["model.vocab_size=4000000000"], "model.vocab_size=4000000000 x model.d_model=256"),
+    (lambda d: ["optim.lr=nan"], "optim.lr: expected a finite number"),
+    (lambda d: ["optim.eps=0"], "optim.eps must be positive"),
+    (lambda d: ["train.eval_batches=-1"], "train.eval_batches must be >= 0"),
+    (lambda d: ["--config", str(d / "five.yaml")], "section 'train' must be a mapping"),
+    (lambda d: ["--config", str(d / "typo.yaml")], "typo.yaml: unknown config key 'train.stepz'"),
+    (lambda d: ["--config", str(d / "broken.yaml")], "line 3, column 1"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, make_args, message):
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "short.txt").write_text("too short")
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": \n')
+    (tmp_path / "five.yaml").write_text("train: 5\n")  # before: ignored when an override named train
+    (tmp_path / "typo.yaml").write_text("train:\n  stepz: 3\n")
+    (tmp_path / "broken.yaml").write_text("train:\n  steps: [1\n")
     runs = tmp_path / "runs"
-    r = _cli(*make_args(tmp_path), f"train.run_dir={runs}", f"data.cache_dir={tmp_path / 'cache'}")
+    r = _cli(*make_args(tmp_path), f"train.run_dir={runs}", f"data.cache_dir={tmp_path / 'cache'}",
+             "train.steps=5")
     assert r.returncode == 2, r.stderr
     lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr

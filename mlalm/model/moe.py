@@ -68,6 +68,14 @@ def _expert_ffn_ragged(x_MD, group_sizes_E, w_gate, w_up, w_down):
     return jax.lax.ragged_dot(jax.nn.silu(g) * u, w_down, group_sizes_E)
 
 
+def resolve_dispatch(dispatch: str) -> str:
+    """``moe.dispatch=auto``: capacity dispatch on CPU, where jax.lax.ragged_dot's fallback
+    costs E times the FLOPs; dropless (sort + ragged_dot) on accelerators."""
+    if dispatch == "auto":
+        return "capacity" if jax.default_backend() == "cpu" else "dropless"
+    return dispatch
+
+
 def dispatch_dropless(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD):
     """Sort (token, expert) pairs by expert, grouped matmul, weighted scatter-add back."""
     N, k = idx_Nk.shape
@@ -159,9 +167,7 @@ class MoE(nnx.Module):
         dt = self.dtype
         weights = (self.w_gate_EDF[...].astype(dt), self.w_up_EDF[...].astype(dt),
                    self.w_down_EFD[...].astype(dt))
-        dispatch = dispatch or self.dispatch
-        if dispatch == "auto":
-            dispatch = "capacity" if jax.default_backend() == "cpu" else "dropless"
+        dispatch = resolve_dispatch(dispatch or self.dispatch)
         with jax.named_scope("experts"):
             if dispatch == "dropless":
                 y = dispatch_dropless(x_ND, idx, w, *weights)
