@@ -94,9 +94,16 @@ def traced_matmul_flops(fn, *args, **kwargs) -> int:
                 lhs = eqn.invars[0].aval.shape
                 total += 2 * prod(eqn.outvars[0].aval.shape) * prod(lhs[d] for d in lc)
             elif name == "ragged_dot_general":
-                (lc, _), _ = eqn.params["ragged_dot_dimension_numbers"].dot_dimension_numbers
+                rdn = eqn.params["ragged_dot_dimension_numbers"]
+                (lc, _), _ = rdn.dot_dimension_numbers
                 lhs = eqn.invars[0].aval.shape
-                total += 2 * prod(eqn.outvars[0].aval.shape) * prod(lhs[d] for d in lc)
+                flops = 2 * prod(eqn.outvars[0].aval.shape) * prod(lhs[d] for d in lc)
+                if any(d in lc for d in rdn.lhs_ragged_dimensions):
+                    # ragged contracting dimension (the weight gradient of a grouped
+                    # matmul, [M, D] x [M, F] -> [G, D, F]): each of the M rows feeds
+                    # one group's output only, so the G output blocks share the M rows
+                    flops //= int(eqn.invars[2].aval.shape[-1])
+                total += flops
             sub = []
             for v in eqn.params.values():
                 for x in (v if isinstance(v, (list, tuple)) else [v]):

@@ -16,12 +16,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "default.yaml"))
+    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                    "configs", "default.yaml"))
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--vocab", type=int, default=257, help="vocabulary size when the config leaves it to the tokenizer")
     args = p.parse_args(argv)
@@ -30,24 +29,22 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
 
     from mlalm.checkpoint import Checkpointer, abstract_arrays
     from mlalm.config import load_config
-    from mlalm.model import Transformer
     from mlalm.optim import build_optimizer
-    from mlalm.trainer import resolve_vocab, split_model
+    from mlalm.train import abstract_state, init_state, resolve_vocab
 
     cfg = resolve_vocab(load_config(args.config), args.vocab)
-    _, params, rest = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
     tx, _ = build_optimizer(cfg, cfg.train.steps)
+    _, state = init_state(cfg, tx, seed=0)
+    _, target = abstract_state(cfg, tx)  # what a resume restores into
     # fresh moments are zeros, which compress to nothing; fill them as training would
     rng = np.random.default_rng(0)
     fill = lambda x: jnp.asarray(rng.normal(size=x.shape) * 1e-3, x.dtype) \
         if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x  # noqa: E731
-    state = {"params": params, "opt_state": jax.tree.map(fill, tx.init(params)), "rest": rest,
-             "step": jnp.zeros((), jnp.int32)}
-    n_params = sum(x.size for x in jax.tree.leaves(params))
+    state = state.replace(opt_state=jax.tree.map(fill, state.opt_state))
+    n_params = sum(x.size for x in jax.tree.leaves(state.params))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     it = iter(grain.MapDataset.range(10).to_iter_dataset())
     times = {"async_blocking": [], "async_total": [], "sync": [], "restore": []}
@@ -67,7 +64,7 @@ def main(argv=None) -> int:
             ck.save(1, state, it, {"config": cfg.to_dict()})
             times["sync"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            restored, _ = ck.restore(abstract_arrays(state), it)
+            restored, _ = ck.restore(abstract_arrays(target), it)
             jax.block_until_ready(restored)
             times["restore"].append(time.perf_counter() - t0)
             ck.close()
