@@ -339,8 +339,14 @@ def test_builtin_corpus_deterministic_and_disjoint():
 # load_corpus and the token cache
 # =======================================================================================
 
-def _npys(cache):
-    return sorted(p for p in os.listdir(cache) if p.endswith(".npy"))
+def _entries(cache):
+    """The cache's prepared directories (one per corpus and settings)."""
+    root = cache / "prepared"
+    return sorted(p for p in root.iterdir() if (p / "manifest.json").is_file()) if root.is_dir() else []
+
+
+def _files(entry):
+    return sorted(p.name for p in entry.iterdir() if not p.name.startswith("."))
 
 
 def test_load_corpus_byte_tokens_are_bytes_plus_eos(tmp_path):
@@ -353,8 +359,9 @@ def test_load_corpus_byte_tokens_are_bytes_plus_eos(tmp_path):
     assert corpus.val.tolist() == list(data[cut:]) + [256]
     assert corpus.train_bytes == cut and corpus.val_bytes == len(data) - cut
     assert isinstance(corpus.tokenizer, ByteTokenizer)
-    # only the tmp cache was written
-    assert len(_npys(tmp_path / "cache")) == 2
+    # only the tmp cache was written: one prepared directory with a train and a val shard
+    (entry,) = _entries(tmp_path / "cache")
+    assert _files(entry) == ["manifest.json", "train-00000.bin", "val-00000.bin"]
 
 
 def test_load_corpus_byte_multiple_docs_joined_by_eos(tmp_path):
@@ -377,26 +384,27 @@ def test_load_corpus_second_call_hits_cache(tmp_path):
     cfg = _dcfg(tmp_path, path=str(p))
     cache = tmp_path / "cache"
     first = load_corpus(cfg)
-    files = _npys(cache)
-    assert len(files) == 2
-    stats = {f: os.stat(cache / f) for f in files}
+    (entry,) = _entries(cache)
+    files = _files(entry)
+    stats = {f: os.stat(entry / f) for f in files}
 
     second = load_corpus(cfg)
-    assert _npys(cache) == files
+    assert _entries(cache) == [entry] and _files(entry) == files
     for f in files:
-        st = os.stat(cache / f)
+        st = os.stat(entry / f)
         assert (st.st_ino, st.st_mtime_ns, st.st_size) == (
             stats[f].st_ino, stats[f].st_mtime_ns, stats[f].st_size)
     np.testing.assert_array_equal(np.asarray(second.train), np.asarray(first.train))
     np.testing.assert_array_equal(np.asarray(second.val), np.asarray(first.val))
 
-    # the cached file is really what is returned: tamper with it and load again
-    train_file = next(f for f in files if np.load(cache / f).shape == first.train.shape)
-    marker = np.full(first.train.shape, 7, dtype=np.load(cache / train_file).dtype)
-    with open(cache / train_file, "wb") as fh:
-        np.save(fh, marker)
-    third = load_corpus(cfg)
-    assert np.asarray(third.train).tolist() == marker.tolist()
+    # a cache file whose contents changed (same size) no longer matches its checksum: it is
+    # prepared again, with a warning, and the right tokens come back (they used to be
+    # returned silently)
+    shard = entry / "train-00000.bin"
+    shard.write_bytes(np.full(len(first.train), 7, np.uint16).tobytes())
+    with pytest.warns(UserWarning, match="checksum"):
+        third = load_corpus(cfg)
+    assert np.asarray(third.train).tolist() == list(data[:int(len(data) * 0.9)]) + [256]
 
 
 def test_load_corpus_content_change_changes_cache_name(tmp_path):
@@ -404,14 +412,14 @@ def test_load_corpus_content_change_changes_cache_name(tmp_path):
     cfg = _dcfg(tmp_path, path=str(p))
     cache = tmp_path / "cache"
     load_corpus(cfg)
-    before = set(_npys(cache))
+    (before,) = _entries(cache)
+    before_files = {f: os.stat(before / f).st_mtime_ns for f in _files(before)}
     new = _text(300, seed=2).encode()
     p.write_bytes(new)
     corpus = load_corpus(cfg)
-    after = set(_npys(cache))
-    added = after - before
-    assert before <= after          # old entries untouched
-    assert len(added) == 2          # fresh train and val files
+    after = _entries(cache)
+    assert len(after) == 2 and before in after          # a fresh entry; the old one untouched
+    assert {f: os.stat(before / f).st_mtime_ns for f in _files(before)} == before_files
     cut = int(len(new) * 0.9)
     assert corpus.train.tolist() == list(new[:cut]) + [256]
 
@@ -423,9 +431,8 @@ def test_load_corpus_bpe_trains_caches_and_roundtrips(tmp_path):
     cfg = _dcfg(tmp_path, path=str(p), tokenizer="bpe", bpe_vocab_size=300)
     cache = tmp_path / "cache"
     first = load_corpus(cfg)
-    jsons = sorted(f for f in os.listdir(cache) if f.endswith(".json"))
-    assert len(jsons) == 1 and jsons[0].startswith("bpe-300-")
-    tok_file = cache / jsons[0]
+    (entry,) = _entries(cache)
+    tok_file = entry / "tokenizer.json"
     tok_stat = os.stat(tok_file)
     saved = json.loads(tok_file.read_text())
     eos = {t["content"]: t["id"] for t in saved["added_tokens"]}[EOS]
@@ -445,7 +452,7 @@ def test_load_corpus_bpe_trains_caches_and_roundtrips(tmp_path):
     assert second.tokenizer.fingerprint() == first.tokenizer.fingerprint()
     st = os.stat(tok_file)
     assert (st.st_ino, st.st_mtime_ns) == (tok_stat.st_ino, tok_stat.st_mtime_ns)
-    assert sorted(f for f in os.listdir(cache) if f.endswith(".json")) == jsons
+    assert _entries(cache) == [entry]
     np.testing.assert_array_equal(np.asarray(second.train), train)
 
 
