@@ -104,16 +104,36 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: Optional[str] = None  # None: the built-in corpus
-    val_path: Optional[str] = None
-    val_fraction: float = 0.1
+    # text (a file, directory or glob: text, JSON Lines, parquet, .gz/.zst) prepared into the
+    # cache once, or a directory made by scripts/prepare.py; None: the built-in corpus
+    path: Optional[str] = None
+    val_path: Optional[str] = None  # evaluated whole; data.path is then not split
+    val_fraction: float = 0.1  # of data.path's documents (of its bytes for a single document)
     test_path: Optional[str] = None  # evaluated once at the end of training when set
-    tokenizer: Literal["byte", "bpe"] = "byte"
+    tokenizer: str = "byte"  # byte | bpe (trained on the training split) | path of a tokenizer.json
+    eos_token: Optional[str] = None  # end-of-text token of a tokenizer.json (None: found by name)
     bpe_vocab_size: int = 8192
-    text_key: str = "text"  # JSONL field holding the text
+    text_key: str = "text"  # JSON field / parquet column holding the text
+    # [{path: DIR, weight: w}, ...]: train on prepared directories mixed by weight (instead of path)
+    mix: Optional[tuple] = None
     cache_dir: Optional[str] = None  # None: ~/.cache/mlalm
-    num_workers: int = 0
-    prefetch: int = 2
+    prepare_workers: int = 0  # processes encoding raw text (0: one per core)
+    max_memory: str = "2GB"  # peak memory of preparing raw text, all processes together
+    shard_mb: int = 256  # size of each token file of a prepared directory
+    num_workers: int = 0  # Grain threads reading training batches (0: one)
+    prefetch: int = 2  # batches Grain reads ahead
+
+    class _MixEntry(dict):
+        """A data.mix entry, hashable like the rest of the frozen config (models keep the
+        config as a static attribute, and jit hashes it)."""
+
+        def __hash__(self):
+            return hash(tuple(sorted((k, str(v)) for k, v in self.items())))
+
+    def __post_init__(self):
+        if isinstance(self.mix, (list, tuple)):
+            object.__setattr__(self, "mix", tuple(
+                DataConfig._MixEntry(e) if isinstance(e, dict) else e for e in self.mix))
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,7 @@ class TrainConfig:
     final_eval_batches: int = 0  # end of run: batches (0: the whole split)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many skips in a row
+    compile_cache: bool = True  # JAX's persistent compilation cache in data.cache_dir/jax
     progress: bool = True
     # 'auto': continue from the newest complete checkpoint of the run directory (a run
     # that finished starts a new directory); 'never': always start afresh; or a path to a
@@ -261,6 +282,29 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
+
+
+def check_structure(raw, where: str = "config") -> None:
+    """Sections that exist and are mappings, keys that exist; ``where`` (a file name)
+    starts the message."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections, got {type(raw).__name__}")
+    classes = _section_classes()
+    for section, values in raw.items():
+        if section not in classes:
+            raise ConfigError(
+                f"{where}: unknown config section '{section}'{_did_you_mean(section, classes)} "
+                f"(valid: {', '.join(classes)})")
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: section '{section}' must be a mapping of keys "
+                              f"(e.g. '{section}:' then indented 'key: value' lines), got {values!r}")
+        hints = typing.get_type_hints(classes[section])
+        for key in values:
+            if key not in hints:
+                raise ConfigError(f"{where}: unknown config key '{section}.{key}'"
+                                  f"{_did_you_mean(key, hints)}")
 
 
 def from_dict(raw: dict | None, base: Config | None = None) -> Config:
@@ -465,10 +509,7 @@ def validate(cfg: Config) -> None:
     if o.clip_norm < 0 or o.weight_decay < 0:
         raise ConfigError("optim.clip_norm and optim.weight_decay must be >= 0")
     _validate_muon(o)
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
-    if cfg.data.tokenizer == "bpe" and cfg.data.bpe_vocab_size < 260:
-        raise ConfigError("data.bpe_vocab_size must be at least 260 (256 bytes + specials)")
+    _validate_data(cfg)
     if o.eps <= 0:
         raise ConfigError(f"optim.eps must be positive (it keeps Adam's division finite), got {o.eps}")
     for key in ("eval_batches", "final_eval_batches"):
@@ -489,6 +530,43 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"mesh sizes must be positive with at most one -1 ('the rest'), got "
             f"data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} expert={mesh.expert}")
+
+
+def _validate_data(cfg: Config) -> None:
+    d = cfg.data
+    if not 0 < d.val_fraction < 1:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if d.tokenizer not in ("byte", "bpe") and not os.path.exists(d.tokenizer):
+        raise ConfigError(f"data.tokenizer: {d.tokenizer!r} is not 'byte', 'bpe' or the path of an "
+                          f"existing tokenizer.json")
+    if d.tokenizer == "bpe" and d.bpe_vocab_size < 260:
+        raise ConfigError("data.bpe_vocab_size must be at least 260 (256 bytes + specials)")
+    if d.eos_token is not None and not d.eos_token:
+        raise ConfigError("data.eos_token must be a token name such as '</s>', or null")
+    if not d.text_key:
+        raise ConfigError("data.text_key must name a JSON field or parquet column, e.g. 'text'")
+    for key in ("prepare_workers", "num_workers", "prefetch"):
+        if getattr(d, key) < 0:
+            raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
+    if d.shard_mb < 1:
+        raise ConfigError(f"data.shard_mb must be >= 1, got {d.shard_mb}")
+    from mlalm.data.memory import parse_size  # no Grain or tokenizers import
+    parse_size(d.max_memory, key="data.max_memory")
+    if d.mix is not None:
+        if d.path is not None:
+            raise ConfigError("data.mix and data.path exclude each other: list every source in "
+                              "data.mix")
+        if not d.mix:
+            raise ConfigError("data.mix is empty; expected [{path: DIR, weight: w}, ...] or null")
+        for i, entry in enumerate(d.mix):
+            if not isinstance(entry, dict) or set(entry) != {"path", "weight"}:
+                raise ConfigError(f"data.mix[{i}]: expected {{path: DIR, weight: w}}, got {entry!r}")
+            if not isinstance(entry["path"], str) or not entry["path"]:
+                raise ConfigError(f"data.mix[{i}].path: expected a path, got {entry['path']!r}")
+            w = entry["weight"]
+            if (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+                    or w <= 0):
+                raise ConfigError(f"data.mix[{i}].weight: expected a positive finite number, got {w!r}")
 
 
 def _validate_muon(o: OptimConfig) -> None:

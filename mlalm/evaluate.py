@@ -41,6 +41,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from mlalm.data.tokenizers import spelled_documents
 from mlalm.errors import ConfigError, DataError
 from mlalm.sharding import to_host
 
@@ -77,85 +78,39 @@ def count_words_lines(data: bytes) -> tuple[int, int]:
     return len(text.split()), text.count("\n") + (1 if text and not text.endswith("\n") else 0)
 
 
-def _byte_level_chars() -> dict[str, int]:
-    """GPT-2's byte-level alphabet (what ``tokenizers``' ByteLevel uses): char -> byte."""
-    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    cs, n = list(bs), 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def token_byte_table(tokenizer) -> list[bytes]:
-    """The bytes each token id spells (special tokens such as end-of-text: ``b''``)."""
-    if tokenizer.name == "byte":
-        return [bytes([i]) for i in range(256)] + [b""] * (tokenizer.vocab_size - 256)
-    tok = tokenizer.tok
-    special = set(tok.get_added_tokens_decoder())
-    chars = _byte_level_chars()
-    table = []
-    for i in range(tokenizer.vocab_size):
-        s = tok.id_to_token(i)
-        if i in special or s is None:
-            table.append(b"")
-        else:
-            table.append(bytes(chars[c] for c in s) if all(c in chars for c in s) else s.encode())
-    return table
-
-
-def spelled_documents(ids: np.ndarray, tokenizer) -> list[bytes]:
-    """The text of a token stream, one bytes object per end-of-text-separated piece."""
-    table = token_byte_table(tokenizer)
-    cuts = np.flatnonzero(np.asarray(ids) == tokenizer.eos_id)
-    pieces, start = [], 0
-    for end in [*cuts.tolist(), len(ids)]:
-        if end > start:
-            pieces.append(b"".join(table[i] for i in np.asarray(ids[start:end]).tolist()))
-        start = end + 1
-    return pieces
-
-
 # ---------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------
 
-def split_documents_of(cfg, split: str, data: str | None = None):
-    """(documents, description) to evaluate: ``data`` (a file or directory) when given,
-    else the checkpoint config's validation or test split, chosen as the trainer did."""
-    from mlalm.data.sources import load_splits, read_documents
+def eval_split(cfg, tokenizer, split: str, data: str | None = None):
+    """``(tokens, bytes, documents, description)`` to evaluate: ``data`` (text in any input
+    format, or a prepared directory) when given, else the checkpoint config's validation or
+    test split, prepared as the trainer prepared it (through the same cache, so a split the
+    trainer used is not read again)."""
+    import dataclasses
+
+    from mlalm.data import load_corpus, tokenize_path
+    from mlalm.data.cache import default_cache_dir
     d = cfg.data
+    common = dict(cache_dir=d.cache_dir or default_cache_dir(), text_key=d.text_key)
     if data is not None:
-        return read_documents(data, d.text_key, key="--data"), data
+        s = tokenize_path(data, tokenizer, key="--data", **common)
+        return s.tokens, s.bytes, s.documents, data
     if split == "test":
         if not d.test_path:
             raise DataError("the checkpoint's config has no data.test_path; give --data PATH "
                             "to evaluate a test file")
-        return read_documents(d.test_path, d.text_key, key="data.test_path"), d.test_path
+        s = tokenize_path(d.test_path, tokenizer, key="data.test_path", **common)
+        return s.tokens, s.bytes, s.documents, d.test_path
     if split != "valid":
         raise ConfigError(f"--split={split!r}: expected 'valid' or 'test'")
     try:
-        docs = load_splits(d.path, d.val_path, d.val_fraction, d.text_key)[1]
+        corpus = load_corpus(dataclasses.replace(d, test_path=None), tokenizer=tokenizer)
     except DataError as e:
         raise DataError(f"{e} (from the checkpoint's config; give --data PATH instead)") from None
     where = d.val_path or f"validation part (data.val_fraction={d.val_fraction:g}) of " \
                           f"{d.path or 'the built-in corpus'}"
-    return docs, where
-
-
-def check_readable(docs, tokenizer) -> None:
-    """BPE reads UTF-8 text only (the byte tokenizer takes any bytes): name the first
-    document that is not valid UTF-8."""
-    if tokenizer.name == "byte":
-        return
-    for name, data in docs:
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{name}: not UTF-8 text (invalid byte at offset {e.start}); the "
-                            f"checkpoint's BPE tokenizer reads UTF-8 text only") from None
+    return corpus.val, corpus.val_bytes, corpus.val_documents, where
 
 
 # ---------------------------------------------------------------------------------------
@@ -228,31 +183,28 @@ def scored_bytes(tokens: np.ndarray, n: int, tokenizer, split_bytes: int) -> int
     return sum(len(p) for p in spelled_documents(tokens[:n], tokenizer))
 
 
-def quality(model, cfg, tokenizer, docs, *, seq_len: int, batch_size: int, max_batches: int = 0,
-            cache_dir: str | None = None, progress=None) -> dict:
-    """Perplexity, bits per byte and word perplexity of ``docs`` ((name, bytes) list)."""
-    from mlalm.data.pipeline import cached_tokens, default_cache_dir
-    from mlalm.train.step import make_eval_step
+def quality(model, cfg, tokenizer, tokens, n_bytes: int, *, seq_len: int, batch_size: int,
+            max_batches: int = 0, progress=None) -> dict:
+    """Perplexity, bits per byte and word perplexity of a split (``tokens`` 1-D, the UTF-8
+    ``n_bytes`` of its text)."""
     from mlalm.train.state import split_model
-    check_readable(docs, tokenizer)
-    tokens = cached_tokens(tokenizer, docs, cache_dir or default_cache_dir())
+    from mlalm.train.step import make_eval_step
     _, params, rest = split_model(model)
     nll, n = score(make_eval_step(cfg), params, rest, tokens, eos_id=tokenizer.eos_id,
                    seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
                    progress=progress)
     pieces = spelled_documents(tokens[:n], tokenizer)  # the text the scored tokens spell
-    n_bytes = sum(len(p) for p in pieces)
-    if n == len(tokens) and n_bytes != sum(len(d) for _, d in docs):
-        raise DataError(f"the tokenizer does not reproduce the text byte for byte ({n_bytes} bytes "
-                        f"from its tokens, {sum(len(d) for _, d in docs)} in the files; e.g. the text "
-                        f"contains the special token text '<|endoftext|>'): bits per byte would be wrong")
+    spelled = sum(len(p) for p in pieces)
+    if n == len(tokens) and spelled != n_bytes:
+        raise DataError(f"the tokenizer does not reproduce the text byte for byte ({spelled} bytes "
+                        f"from its tokens, {n_bytes} in the files): bits per byte would be wrong")
     words = lines = 0
     for p in pieces:
         w, l = count_words_lines(p)
         words, lines = words + w, lines + l
     return {"tokens": n, "split_tokens": int(len(tokens)), "whole_split": n == len(tokens),
             "nll_sum": nll, "loss": nll / n, "perplexity": math.exp(min(nll / n, 700)),
-            "bytes": n_bytes, "bits_per_byte": nll / math.log(2) / max(n_bytes, 1),
+            "bytes": spelled, "bits_per_byte": nll / math.log(2) / max(spelled, 1),
             "words": words, "lines": lines,
             "word_perplexity": math.exp(min(nll / max(words + lines, 1), 700)),
             "seq_len": seq_len, "windows": -(-n // seq_len), "window_scheme": WINDOW_SCHEME}
@@ -321,7 +273,6 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None
     """
     from mlalm.checkpoint import find_checkpoint
     from mlalm.inference import load_for_inference
-    from mlalm.data.pipeline import default_cache_dir
     from mlalm.errors import CheckpointError
     log = log or (lambda text, transient=False: None)
     for name, v in (("--batch-size", batch_size), ("--decode-batch", decode_batch),
@@ -336,7 +287,7 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None
         raise CheckpointError(f"{ckpt_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the "
                               f"model's model.vocab_size is {cfg.model.vocab_size}")
     label = split or ("data" if data else "valid")
-    docs, where = split_documents_of(cfg, split or "valid", data)
+    tokens, n_bytes, documents, where = eval_split(cfg, tokenizer, split or "valid", data)
     T, B = cfg.train.seq_len, batch_size or cfg.train.batch_size
     t0 = time.perf_counter()
 
@@ -345,9 +296,9 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None
             transient=done < total)
 
     report = {"checkpoint": os.path.abspath(ckpt_dir), "step": _step_of(ckpt_dir), "split": label,
-              "data": where, "documents": len(docs), "tokenizer": tokenizer.name, "batch_size": B}
-    report.update(quality(model, cfg, tokenizer, docs, seq_len=T, batch_size=B, max_batches=max_batches,
-                          cache_dir=cfg.data.cache_dir or default_cache_dir(), progress=progress))
+              "data": where, "documents": documents, "tokenizer": tokenizer.name, "batch_size": B}
+    report.update(quality(model, cfg, tokenizer, tokens, n_bytes, seq_len=T, batch_size=B,
+                          max_batches=max_batches, progress=progress))
     report["eval_seconds"] = time.perf_counter() - t0
     N = decode_context or min(1024, cfg.model.max_seq_len)
     report["kv_cache"] = kv_cache_report(model, cfg, batch=decode_batch, context=N,

@@ -23,22 +23,38 @@ from mlalm.config import Config, from_dict, to_yaml
 from mlalm.errors import CheckpointError
 
 
+def _local_tokenizer(ckpt_dir: str) -> str | None:
+    """The tokenizer.json of an export, or of a checkpoint's run directory."""
+    for d in (ckpt_dir, os.path.dirname(os.path.dirname(os.path.abspath(ckpt_dir)))):
+        p = os.path.join(d, "tokenizer.json")
+        if os.path.isfile(p):
+            return p
+    return None
+
+
 def checkpoint_config(ckpt_dir: str) -> Config:
-    """The resolved config stored with a checkpoint or export."""
-    return from_dict(read_meta(ckpt_dir)["config"])
+    """The resolved config stored with a checkpoint or export.  A ``data.tokenizer`` that
+    names a tokenizer.json is replaced by the copy kept beside the checkpoint (the run
+    directory's or the export's), so the checkpoint loads where the original file is gone."""
+    raw = read_meta(ckpt_dir)["config"]
+    tok = (raw.get("data") or {}).get("tokenizer")
+    local = _local_tokenizer(ckpt_dir)
+    if isinstance(tok, str) and tok not in ("byte", "bpe") and local:
+        raw = {**raw, "data": {**raw["data"], "tokenizer": local}}
+    return from_dict(raw)
 
 
 def tokenizer_for(ckpt_dir: str, cfg: Config):
-    """The tokenizer a checkpoint was trained with: byte-level, or the tokenizer.json of
-    the export or of the checkpoint's run directory."""
-    from mlalm.data.tokenizers import get_tokenizer
-    if cfg.data.tokenizer == "byte":
-        return get_tokenizer("byte")
-    for d in (ckpt_dir, os.path.dirname(os.path.dirname(ckpt_dir))):
-        p = os.path.join(d, "tokenizer.json")
-        if os.path.isfile(p):
-            return get_tokenizer("bpe", path=p)
-    raise CheckpointError(f"no tokenizer.json next to {ckpt_dir} or in its run directory")
+    """The tokenizer a checkpoint was trained with: the tokenizer.json kept beside it (a
+    BPE, pretrained or prepared directory's tokenizer), else byte-level."""
+    from mlalm.data.tokenizers import get_tokenizer, load_tokenizer
+    local = _local_tokenizer(ckpt_dir)
+    if local:
+        return load_tokenizer(local, eos_token=cfg.data.eos_token)
+    if cfg.data.tokenizer != "byte":
+        raise CheckpointError(f"no tokenizer.json next to {ckpt_dir} or in its run directory "
+                              f"(the model was trained with data.tokenizer={cfg.data.tokenizer})")
+    return get_tokenizer("byte")
 
 
 def abstract_model(cfg: Config):

@@ -30,11 +30,14 @@ def export_hf(path: str, out_dir: str, dtype: str | None) -> str:
         raise ConfigError(f"--format hf writes DeepSeek-V3 checkpoints, which need attention.kind=mla; "
                           f"this model uses {cfg.attention.kind} (use --format params)")
     save_pretrained(model, cfg, out_dir, dtype=dtype, eos_token_id=tokenizer.eos_id)
-    if getattr(tokenizer, "name", "") == "bpe":
+    if tokenizer.name != "byte":  # tokenizer.json + tokenizer_config.json (its real end-of-text)
         tokenizer.save(out_dir)
-        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                       "model_max_length": cfg.model.max_seq_len}, f, indent=2)
+        path = os.path.join(out_dir, "tokenizer_config.json")
+        with open(path) as f:
+            tokenizer_config = json.load(f)
+        tokenizer_config["model_max_length"] = cfg.model.max_seq_len
+        with open(path, "w") as f:
+            json.dump(tokenizer_config, f, indent=2)
     return out_dir
 
 

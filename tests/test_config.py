@@ -68,7 +68,7 @@ def test_unknown_key_without_close_match():
 
 
 def test_section_must_be_mapping():
-    _raises({"model": 3}, r"model: expected a mapping of keys")
+    _raises({"model": 3}, r"section 'model' must be a mapping of keys")
     _raises([1, 2], r"config: expected a mapping of sections, got list")
 
 

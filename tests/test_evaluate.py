@@ -29,8 +29,9 @@ from mlalm.inference import load_for_inference
 from mlalm.config import from_dict
 from mlalm.data.tokenizers import ByteTokenizer, get_tokenizer
 from mlalm.errors import ConfigError, DataError
-from mlalm.evaluate import (check_readable, count_words_lines, evaluate_checkpoint, kv_cache_report,
-                            max_context, parse_bytes, spelled_documents)
+from mlalm.data import tokenize_path
+from mlalm.data.tokenizers import spelled_documents
+from mlalm.evaluate import count_words_lines, evaluate_checkpoint, kv_cache_report, max_context, parse_bytes
 from mlalm.model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,10 +275,31 @@ def test_bpe_tokens_spell_the_text_byte_for_byte():
     tok = get_tokenizer("bpe", train_texts=[text * 20], vocab_size=300)
     ids = np.concatenate([tok.encode(text), [tok.eos_id], tok.encode("é")])
     assert spelled_documents(ids, tok) == [text.encode("utf-8"), "é".encode("utf-8")]
-    check_readable([("a.txt", text.encode())], tok)
-    with pytest.raises(DataError, match="b.bin: not UTF-8"):
-        check_readable([("b.bin", b"ok\xff\xfe")], tok)
-    check_readable([("b.bin", b"ok\xff\xfe")], ByteTokenizer())  # any bytes are byte tokens
+
+
+def test_non_utf8_text_follows_one_rule_for_training_and_evaluation(tmp_path):
+    """Before: BPE training read non-UTF-8 text (U+FFFD substituted, bits/byte counted
+    against the raw bytes) while eval.py refused it.  Now the same code tokenizes both:
+    BPE refuses naming the file, the byte tokenizer takes any bytes."""
+    from mlalm.config import from_dict as cfg_from
+    from mlalm.data import load_corpus
+    text = "naïve café text\n" * 50
+    tok = get_tokenizer("bpe", train_texts=[text], vocab_size=300)
+    good, bad = tmp_path / "a.txt", tmp_path / "b.bin"
+    good.write_text(text)
+    bad.write_bytes(text.encode() + b"ok\xff\xfe")
+    split = tokenize_path(str(good), tok, cache_dir=str(tmp_path / "cache"))
+    assert spelled_documents(np.asarray(split.tokens), tok) == [text.encode()]
+    with pytest.raises(DataError, match="b.bin") as at_eval:
+        tokenize_path(str(bad), tok, cache_dir=str(tmp_path / "cache"))
+    tok.save(str(tmp_path / "tok"))
+    cfg = cfg_from({"data": {"path": str(bad), "val_path": str(good), "cache_dir": str(tmp_path / "cache2"),
+                             "tokenizer": str(tmp_path / "tok" / "tokenizer.json")}})
+    with pytest.raises(DataError, match="b.bin") as at_training:
+        load_corpus(cfg.data)
+    assert "UTF-8" in str(at_eval.value) and "UTF-8" in str(at_training.value)
+    byte = tokenize_path(str(bad), ByteTokenizer(), cache_dir=str(tmp_path / "cache3"))
+    assert len(byte.tokens) == len(bad.read_bytes()) + 1 and byte.bytes == len(bad.read_bytes())
 
 
 def test_wikitext2_word_count_convention():

@@ -26,11 +26,13 @@ class StepReporter:
     Args:
         cfg: the run's config; logger: its MetricsLogger.
         start_step: the step the run starts after; flops_per_token, peak: for MFU.
+        extra: ``extra() -> dict`` of more fields for each logged row (e.g. a mixture's
+            tokens per source).
     """
 
     def __init__(self, cfg: Config, logger: MetricsLogger, *, start_step: int,
-                 flops_per_token: float, peak: float):
-        self.cfg, self.logger = cfg, logger
+                 flops_per_token: float, peak: float, extra=None):
+        self.cfg, self.logger, self.extra = cfg, logger, extra
         self.start_step = start_step
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.fpt, self.peak = flops_per_token, peak
@@ -93,6 +95,8 @@ class StepReporter:
         moe = self.cfg.moe.n_routed_experts > 0
         if moe:
             record["balance_loss"] = scalars["train/balance_loss"] = float(m["balance_loss"])
+        if self.extra is not None:
+            record.update(self.extra())
         record["attn_max_logit"] = [round(float(x), 3) for x in m["attn_max_logit"]]
         for i, x in enumerate(record["attn_max_logit"]):
             scalars[f"attn/max_logit/layer{i}"] = x
@@ -110,3 +114,38 @@ class StepReporter:
         elif not self.logger.has_bar:
             self.logger.console(f"step {step}/{t.steps} | {text} | lr {record['lr']:.2e}")
         self.logger.advance(step, text)
+
+
+class SourceTokens:
+    """Training tokens each source of a ``data.mix`` contributed (logged, and kept in the
+    checkpoint so a resumed run goes on counting).
+
+    Args:
+        names: the sources' paths; seq_len: tokens a row trains on.
+        restored: the global totals from the checkpoint (process 0 carries them on).
+    """
+
+    def __init__(self, names, seq_len: int, restored=None):
+        import numpy as np
+        self.names, self.seq_len = list(names), seq_len
+        self.local = np.zeros(len(self.names), np.int64)
+        if restored is not None and jax.process_index() == 0:
+            self.local += np.asarray(restored, np.int64)
+
+    def count(self, batch):
+        """``(rows, source ids)`` -> rows, counting each row's source."""
+        import numpy as np
+        rows, ids = batch
+        self.local += np.bincount(np.asarray(ids), minlength=len(self.names)) * self.seq_len
+        return rows
+
+    def totals(self) -> list[int]:
+        """Global totals (summed over processes: a collective, called by all at once)."""
+        import numpy as np
+        if jax.process_count() == 1:
+            return self.local.tolist()
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(self.local)).sum(0).tolist()
+
+    def record(self) -> dict:
+        return {"tokens_by_source": dict(zip(self.names, self.totals()))}
