@@ -21,7 +21,7 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from mlalm.cli import run_command
 
 
 def parse_args(argv=None):
@@ -92,8 +92,9 @@ def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from mlalm.errors import CheckpointError, ConfigError, DataError
-    try:
+
+    def body():
+        from mlalm.errors import CheckpointError
         if not os.path.exists(args.path):
             raise CheckpointError(f"{args.path}: no such checkpoint or run directory")
         from mlalm.generate import check_sampling
@@ -101,13 +102,8 @@ def main(argv=None) -> int:
         from mlalm.inference import load_for_inference
         model, _cfg, tokenizer = load_for_inference(args.path)
         run(model, tokenizer, args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_command(body, quiet_unraisable=True)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from mlalm.cli import run_command  # noqa: E402
+from mlalm.cli import run_command
 
 
 def parse_args(argv=None):
