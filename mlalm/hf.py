@@ -302,11 +302,11 @@ def _mapping(cfg: Config, interleave: bool, *, routing_bias: bool = True):
         else:
             yield at, "wq_DNH", *linear(p + "self_attn.q_proj.weight", (N * (dn + P), D),
                                         (N, dn + P), q_in, q_out)
-        yield at, "wkv_a_DR", *linear(p + "self_attn.kv_a_proj_with_mqa.weight", (R + P, D),
+        yield at, "wkv_a_DJ", *linear(p + "self_attn.kv_a_proj_with_mqa.weight", (R + P, D),
                                       None, kva_in, kva_out)
         yield at + ("kv_norm",), "scale", *same(p + "self_attn.kv_a_layernorm.weight", (R,))
-        yield at, "wkv_b_RNH", *linear(p + "self_attn.kv_b_proj.weight", (N * (dn + dv), R), (N, dn + dv))
-        yield at, "wo_NHD", *out_proj(p + "self_attn.o_proj.weight", (N, dv))
+        yield at, "wkv_b_RNU", *linear(p + "self_attn.kv_b_proj.weight", (N * (dn + dv), R), (N, dn + dv))
+        yield at, "wo_NGD", *out_proj(p + "self_attn.o_proj.weight", (N, dv))
         ff = blk + ("ffn",)
         if cfg.is_moe_layer(i):
             e = cfg.moe

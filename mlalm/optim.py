@@ -8,27 +8,35 @@ from dataclasses import replace
 import jax
 import jax.numpy as jnp
 import optax
+from flax import nnx
 from optax.contrib import MuonDimensionNumbers, scale_by_muon
 
-# Labels by parameter name (the last attribute of its path); anything else is 'hidden'.
-_NAMED_LABELS = {"embed_VD": "embedding", "head_DV": "head", "scale": "norm",
-                 "w_router_DE": "router"}
+from mlalm.model.layers import param_roles
 
 
-def _name(path) -> str:
-    keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-    keys = [k for k in keys if k != "value"]
-    return str(keys[-1])
+def _map_params(fn, tree):
+    """``fn(roles, var)`` for every parameter (nnx.Variable) of ``tree``, in its place.
+
+    ``tree`` is a parameter tree or one with its structure (gradients, updates, optax
+    moments: all keep the Param nodes and their metadata); optax's MaskedNodes (the
+    leaves another ``optax.partition`` branch owns) have no leaves and are kept as they
+    are.  A leaf that is not a Variable raises TypeError naming its path.
+    """
+    def one(path, var):
+        return fn(param_roles(var, f"parameter {jax.tree_util.keystr(path) or '(root)'}"), var)
+    return jax.tree_util.tree_map_with_path(one, tree,
+                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def param_labels(params):
-    """One label per parameter leaf: 'embedding', 'head', 'norm', 'router' or 'hidden'.
+    """One label per parameter, from its metadata (``mlalm.model.layers.param``, never
+    its name): 'embedding', 'head', 'norm', 'router' or 'hidden'.
 
     'hidden' are the weight matrices inside the blocks (attention projections, MLA's
-    down/up projections, dense FFN, shared and routed experts).
+    down/up projections, dense FFN, shared and routed experts).  Returns the tree with
+    each parameter replaced by its label.
     """
-    return jax.tree_util.tree_map_with_path(lambda p, _: _NAMED_LABELS.get(_name(p), "hidden"),
-                                            params)
+    return _map_params(lambda roles, _: roles.label, params)
 
 
 def effective_warmup(o, steps: int) -> int:
@@ -54,28 +62,31 @@ def make_schedule(o, steps: int) -> optax.Schedule:
         [warmup, stable_end])
 
 
-def muon_dimension_numbers(name: str, ndim: int) -> MuonDimensionNumbers:
-    """How Muon sees a hidden weight as a matrix (or a batch of matrices).
+def muon_dimension_numbers(var) -> MuonDimensionNumbers:
+    """How Muon sees a 'hidden' parameter as a matrix (or a batch of matrices): reduction
+    axes = its fan-in axes, output axes = its fan-out axes, the remaining (batch) axes
+    each orthogonalised on their own -- all from the roles the parameter carries
+    (``mlalm.model.layers.param``), never from its name.
 
-    Names follow the shape key: the input axes come first, except ``wo_NHD`` (heads and
-    head dim in, model width out) and stacked experts ``w_*_E..`` whose leading E is a
-    batch axis (each expert orthogonalised on its own).  MLA's W_qb [Q, N, H] and
-    W_kvb [R, N, H] are orthogonalised as whole Q x (N*H) and R x (N*H) matrices, not
-    per head.
+    E.g. MLA's W_kvb [R, N, d_n + d_v] is one R x N·(d_n + d_v) matrix (not N per-head
+    matrices), W_o [N, d_v, D] is (N·d_v) x D, and routed experts [E, D, F] are E
+    matrices D x F.
+
+    Raises:
+        ValueError: ``var`` carries no roles, or is not 'hidden'.
     """
-    suffix = name.rsplit("_", 1)[-1]
-    if ndim == 2:
-        return MuonDimensionNumbers(reduction_axis=(0,), output_axis=(1,))
-    if suffix.startswith("E"):
-        return MuonDimensionNumbers(reduction_axis=(1,), output_axis=(2,))
-    if suffix == "NHD":
-        return MuonDimensionNumbers(reduction_axis=(0, 1), output_axis=(2,))
-    return MuonDimensionNumbers(reduction_axis=(0,), output_axis=tuple(range(1, ndim)))
+    roles = param_roles(var)
+    if roles.label != "hidden":
+        raise ValueError(f"a {roles.label!r} parameter is not a Muon matrix "
+                         f"(only 'hidden' ones are)")
+    return MuonDimensionNumbers(reduction_axis=roles.fan_in, output_axis=roles.fan_out)
 
 
 def _muon_dims_tree(params):
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: muon_dimension_numbers(_name(p), x.ndim), params)
+    """The dimension numbers as optax wants them: a tree of ``params``'s structure down to
+    the Param nodes, each holding its MuonDimensionNumbers in place of its array."""
+    return _map_params(lambda _, var: jax.tree.map(lambda _: muon_dimension_numbers(var), var),
+                       params)
 
 
 def scale_muon_update(mode: str) -> optax.GradientTransformation:
@@ -86,17 +97,18 @@ def scale_muon_update(mode: str) -> optax.GradientTransformation:
     original): sqrt(max(1, fan_out / fan_in)).  (optax has the same rule, but does not
     export it.)
     """
-    def scale(u, dims):
-        fan_in = math.prod(u.shape[a] for a in dims.reduction_axis)
-        fan_out = math.prod(u.shape[a] for a in dims.output_axis)
-        factor = 0.2 * math.sqrt(max(fan_in, fan_out)) if mode == "rms" else math.sqrt(max(1.0, fan_out / fan_in))
-        return u * factor
+    def scale(roles, u):  # u: the update's Param node, with the parameter's roles
+        fan_in = math.prod(u.shape[a] for a in roles.fan_in)
+        fan_out = math.prod(u.shape[a] for a in roles.fan_out)
+        if mode == "rms":
+            factor = 0.2 * math.sqrt(max(fan_in, fan_out))
+        else:
+            factor = math.sqrt(max(1.0, fan_out / fan_in))
+        return jax.tree.map(lambda x: x * factor, u)
 
     def update(updates, state, params=None):
         del params
-        dims = _muon_dims_tree(updates)
-        return jax.tree.map(scale, updates, dims,
-                            is_leaf=lambda x: isinstance(x, MuonDimensionNumbers)), state
+        return _map_params(scale, updates), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 

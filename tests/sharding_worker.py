@@ -58,7 +58,7 @@ def steps(optim):
         p = state.params
         specs = {
             "embed_VD": spec(p["embed_VD"].get_value()),
-            "wkv_b_RNH": spec(p["blocks"][1]["attn"]["wkv_b_RNH"].get_value()),
+            "wkv_b_RNU": spec(p["blocks"][1]["attn"]["wkv_b_RNU"].get_value()),
             "wq_b_QNH": spec(p["blocks"][1]["attn"]["wq_b_QNH"].get_value()),
             "w_gate_EDF": spec(p["blocks"][1]["ffn"]["w_gate_EDF"].get_value()),
             "w_gate_DF": spec(p["blocks"][0]["ffn"]["w_gate_DF"].get_value()),

@@ -308,6 +308,31 @@ def test_generate_refuses_to_run_past_max_seq_len():
         generate(model, [[1] * 32], 1)
 
 
+@pytest.mark.parametrize("name", ["gqa", "mla_moe"])
+def test_programs_compile_once_per_model_structure(name, monkeypatch):
+    """generate() traces its prefill and decode programs once per model structure and
+    shapes: a second call (other prompts of the same padded shape, other sampling
+    settings), the step functions with those shapes, and a second model of the same
+    config (other weights) all reuse them."""
+    cfg = make_cfg(name, model={"rope_theta": 321.0})  # a structure no other test compiles
+    traces = []
+    original = Transformer.forward_cached
+
+    def counting(self, *args):
+        traces.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(Transformer, "forward_cached", counting)
+    model = build(cfg)
+    first = generate(model, PROMPTS, 3)
+    assert len(traces) == 2  # prefill, decode
+    generate(model, [[9, 8], [7, 6, 5]], 3, temperature=0.7, top_k=5, seed=1)
+    cached_greedy(model, PROMPTS, 3)  # prompts padded to 8, cache of 64 slots: the same shapes
+    other = build(cfg, seed=1)
+    assert generate(other, PROMPTS, 3) != first  # other weights, other tokens
+    assert len(traces) == 2
+
+
 # ---------------------------------------------------------------------------------------
 # scripts/generate.py
 # ---------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """mlalm's model against transformers' DeepseekV3ForCausalLM (an independent implementation)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -257,7 +258,7 @@ def test_config_json_describes_the_routing(case, tmp_path):
             gate = f.get_tensor(f"model.layers.{layer}.mlp.gate.weight").astype(np.float64)
             ref = _engine_routing(x, hf, gate, bias)
             idx, w, _ = route(jnp.asarray(x, jnp.float32), moe.w_router_DE[...], moe.bias_E[...],
-                              **moe.route_kw)
+                              **dataclasses.asdict(moe.routing))
             ours = np.zeros_like(ref)
             np.put_along_axis(ours, np.asarray(idx), np.asarray(w, np.float64), axis=-1)
             np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
@@ -297,7 +298,7 @@ def _chain_model():
     cfg = _cfg("sigmoid", attention={"q_lora_rank": 16})
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Variable) and path[-1] in ("wo_NHD", "w_down_FD", "w_down_EFD"):
+        if isinstance(var, nnx.Variable) and path[-1] in ("wo_NGD", "w_down_FD", "w_down_EFD"):
             var.set_value(jnp.zeros_like(var[...]))
     embed = np.asarray(model.embed_VD[...]).copy()
     head = np.zeros((48, 97), np.float32)

@@ -148,7 +148,7 @@ def swiglu_np(x, wg, wu, wd):
 
 def mha_ref(attn, x_BTD, pos_BT, theta=THETA):
     """Per-head MHA/GQA/MQA: query head n reads kv head n // (N / K)."""
-    wq, wk, wv, wo = (f64(attn.wq_DNH), f64(attn.wk_DKH), f64(attn.wv_DKH), f64(attn.wo_NHD))
+    wq, wk, wv, wo = (f64(attn.wq_DNH), f64(attn.wk_DKH), f64(attn.wv_DKG), f64(attn.wo_NGD))
     N, H, K = wq.shape[1], wq.shape[2], wk.shape[1]
     out = np.zeros(x_BTD.shape)
     for b in range(x_BTD.shape[0]):
@@ -167,7 +167,7 @@ def mla_ref(attn, x_BTD, pos_BT, theta=THETA):
     """MLA (docs/architecture.md, "MLA"): q (opt. LoRA), latent c = RMSNorm(.), one
     shared rope key."""
     dn, dr, dv, R, N = attn.dn, attn.dr, attn.dv, attn.R, attn.n_heads
-    wkv_a, wkv_b, wo = f64(attn.wkv_a_DR), f64(attn.wkv_b_RNH), f64(attn.wo_NHD)
+    wkv_a, wkv_b, wo = f64(attn.wkv_a_DJ), f64(attn.wkv_b_RNU), f64(attn.wo_NGD)
     kv_scale = f64(attn.kv_norm.scale)
     assert wkv_a.shape == (x_BTD.shape[-1], R + dr) and wkv_b.shape == (R, N, dn + dv)
     out = np.zeros(x_BTD.shape)
@@ -400,7 +400,7 @@ def test_mha_gqa_mqa_match_per_head_reference(kind, n_kv):
     cfg = make_cfg(attn, moe={"n_routed_experts": 0})
     module = build_attention(cfg, seed=7)
     K = {"mha": 8, "mqa": 1}.get(kind, n_kv)
-    assert module.wk_DKH[...].shape == (D, K, 8) and module.wv_DKH[...].shape == (D, K, 8)
+    assert module.wk_DKH[...].shape == (D, K, 8) and module.wv_DKG[...].shape == (D, K, 8)
     x, pos, cos, sin = _attn_inputs(np.random.default_rng(2), cfg.attention)
     out = np.asarray(_call_attn(module, jnp.asarray(x), cos, sin))
     assert out.shape == x.shape and out.dtype == np.float32
@@ -743,6 +743,21 @@ def test_count_params_formula(attn, moe, tie):
         assert active < total  # BalanceBias (E per MoE layer) is not counted either
 
 
+@pytest.mark.parametrize("attn", list(ATTN))
+@pytest.mark.parametrize("moe", [{"n_routed_experts": 0}, dict(MOE, first_k_dense_replace=1)])
+def test_graphdef_is_hashable(attn, moe):
+    """A model's graphdef (its structure and static attributes, the MoE routing options
+    among them) hashes, equal for two models of one config whatever their weights, and
+    different when a routing option differs (mlalm.generate keys compiled programs on it)."""
+    cfg = make_cfg(attn, moe=moe)
+    g0, g1 = (nnx.graphdef(build(cfg, seed=s)) for s in (0, 1))
+    assert hash(g0) == hash(g1) and g0 == g1
+    if moe.get("n_routed_experts"):
+        g2 = nnx.graphdef(build(make_cfg(attn, moe=dict(moe, top_k=3))))
+        hash(g2)
+        assert g2 != g0
+
+
 def test_library_init():
     """The one real initialisation: parameter count, norm scales at one, truncated-normal
     weights with std init_std (output projections init_std / sqrt(2 n_layers))."""
@@ -759,7 +774,7 @@ def test_library_init():
     big = np.concatenate([f64(model.embed_VD).ravel(), f64(model.head_DV).ravel()])
     assert np.abs(big).max() <= 3 * 0.05 + 1e-6
     assert big.std() == pytest.approx(0.05 * trunc, rel=0.1)
-    out = np.concatenate([f64(b.attn.wo_NHD).ravel() for b in model.blocks] +
+    out = np.concatenate([f64(b.attn.wo_NGD).ravel() for b in model.blocks] +
                          [f64(b.ffn.w_down_FD).ravel() for b in model.blocks])
     assert out.std() == pytest.approx(0.05 / 2 * trunc, rel=0.1)
     # different seeds give different weights, the same seed the same ones
@@ -977,7 +992,7 @@ def test_x64_qk_clip_and_bias_update_stay_float32(attn):
             kv_scale = np.concatenate([np.repeat(np.sqrt(g)[:, None], dn, 1),
                                        np.ones((len(g), old_a.dv))], 1)
             close(f64(getattr(new_a, wq)), f64(getattr(old_a, wq)) * q_scale, 1e-6)
-            close(f64(new_a.wkv_b_RNH), f64(old_a.wkv_b_RNH) * kv_scale, 1e-6)
+            close(f64(new_a.wkv_b_RNU), f64(old_a.wkv_b_RNU) * kv_scale, 1e-6)
         else:
             K = old_a.wk_DKH.shape[1]
             gk = np.sqrt(g.reshape(K, -1).min(1))

@@ -56,7 +56,7 @@ def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
     _, runs = mesh_runs
     s = runs["fsdp2_tensor2_expert2"]["specs"]
     assert s["embed_VD"] == [None, "fsdp"]                 # vocab 64: embed over fsdp
-    assert s["wkv_b_RNH"] == [None, "tensor", None]        # MLA up-projection: heads
+    assert s["wkv_b_RNU"] == [None, "tensor", None]        # MLA up-projection: heads
     assert s["wq_b_QNH"] == [None, "tensor", None]
     assert s["w_gate_EDF"] == ["expert", "fsdp", "tensor"]  # experts over expert
     assert s["w_gate_DF"] == ["fsdp", "tensor"]

@@ -44,9 +44,9 @@ def test_param_labels():
     labels = _named(param_labels(params))
     expected = {"embed_VD": "embedding", "head_DV": "head", "final_norm.scale": "norm",
                 "blocks.0.attn.wq_a_DQ": "hidden", "blocks.0.attn.q_norm.scale": "norm",
-                "blocks.0.attn.wq_b_QNH": "hidden", "blocks.0.attn.wkv_a_DR": "hidden",
-                "blocks.0.attn.kv_norm.scale": "norm", "blocks.0.attn.wkv_b_RNH": "hidden",
-                "blocks.0.attn.wo_NHD": "hidden", "blocks.0.attn_norm.scale": "norm",
+                "blocks.0.attn.wq_b_QNH": "hidden", "blocks.0.attn.wkv_a_DJ": "hidden",
+                "blocks.0.attn.kv_norm.scale": "norm", "blocks.0.attn.wkv_b_RNU": "hidden",
+                "blocks.0.attn.wo_NGD": "hidden", "blocks.0.attn_norm.scale": "norm",
                 "blocks.0.ffn_norm.scale": "norm", "blocks.0.ffn.w_gate_DF": "hidden",
                 "blocks.0.ffn.w_up_DF": "hidden", "blocks.0.ffn.w_down_FD": "hidden",
                 "blocks.1.ffn.w_router_DE": "router", "blocks.1.ffn.w_gate_EDF": "hidden",

@@ -35,6 +35,8 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mlalm.utils import round_up
+
 # A finite "minus infinity": exp(NEG_INF - m) underflows to 0 without inf - inf = nan.
 NEG_INF = -0.7 * float(np.finfo(np.float32).max)
 _MIN_BLOCK = 16  # Triton's tl.dot needs every dimension >= 16
@@ -340,10 +342,6 @@ def _fit(block: int, n: int) -> int:
     return min(block, max(_MIN_BLOCK, pl.next_power_of_2(n)))
 
 
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
-
-
 def _check_shapes(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"flash_attention wants q [B,T,N,H], k [B,S,K,H], v [B,S,K,G]; "
@@ -396,8 +394,8 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale=Non
     interpret = backend == "cpu" if interpret is None else bool(interpret)
     bq, bq_dq, bq_dkv = (_fit(b, T) for b in (bs.block_q, bs.block_q_dq, bs.block_q_dkv))
     bk, bk_dq, bk_dkv = (_fit(b, S) for b in (bs.block_k, bs.block_k_dq, bs.block_k_dkv))
-    t_pad = _round_up(T, max(bq, bq_dq, bq_dkv))  # powers of two: the max is the lcm
-    s_pad = _round_up(S, max(bk, bk_dq, bk_dkv))
+    t_pad = round_up(T, max(bq, bq_dq, bq_dkv))  # powers of two: the max is the lcm
+    s_pad = round_up(S, max(bk, bk_dq, bk_dkv))
     if backend == "tpu" and not interpret:
         hp, gp, params = H, G, None  # Mosaic takes a block equal to the full head dim
     else:  # Triton needs power-of-two tiles (interpret mode pads alike, so tests cover it)

@@ -23,8 +23,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mlalm.kernels.flash_attention import (_MIN_BLOCK, NEG_INF, _dot, _fit, _fori, _i32,
-                                           _round_up)
+from mlalm.kernels.flash_attention import _MIN_BLOCK, NEG_INF, _dot, _fit, _fori, _i32
+from mlalm.utils import round_up
 
 _TARGET_PROGRAMS = 128  # about one program per SM on an H100 (132 SMs)
 
@@ -141,7 +141,7 @@ def mla_decode(q_abs_BNR, q_pe_BNP, c_kv_BSR, k_pe_BSP, lengths_B, *, sm_scale,
         num_splits = max(1, min(-(-n_blocks // 4), -(-_TARGET_PROGRAMS // B)))
     if not isinstance(num_splits, int) or num_splits < 1:
         raise ValueError(f"num_splits={num_splits!r}: must be an int >= 1")
-    chunk = _round_up(-(-S // num_splits), bs)
+    chunk = round_up(-(-S // num_splits), bs)
     s_pad = num_splits * chunk
     backend = jax.default_backend()
     interpret = backend == "cpu" if interpret is None else bool(interpret)

@@ -192,10 +192,15 @@ class MultiHeadAttention(nnx.Module):
                  impl: str = "xla", rngs: nnx.Rngs):
         N, K, H, D = n_heads, n_kv_heads, head_dim, d_model
         pd = param_dtype
-        self.wq_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std=std, dtype=pd)
-        self.wk_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
-        self.wv_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
-        self.wo_NHD = param(rngs, (N, H, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+        G = H  # value head dim: equal to the query/key head dim here
+        # roles (mlalm.optim): each projection is one whole matrix for Muon, the input
+        # projections [D, N*H] and the output projection [N*G, D]
+        proj_in = {"label": "hidden", "fan_in": (0,), "fan_out": (1, 2), "dtype": pd}
+        self.wq_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std=std, **proj_in)
+        self.wk_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, **proj_in)
+        self.wv_DKG = param(rngs, (D, K, G), ("embed", "kv_heads", "head_dim"), std=std, **proj_in)
+        self.wo_NGD = param(rngs, (N, G, D), ("heads", "head_dim", "embed"), std=out_std,
+                            label="hidden", fan_in=(0, 1), fan_out=(2,), dtype=pd)
         self.scale = H ** -0.5
         self.dtype = dtype
         self.impl = impl
@@ -204,11 +209,11 @@ class MultiHeadAttention(nnx.Module):
         dt = self.dtype
         q = linear(x_BTD, self.wq_DNH[...].astype(dt))
         k = linear(x_BTD, self.wk_DKH[...].astype(dt))
-        v = linear(x_BTD, self.wv_DKH[...].astype(dt))
+        v = linear(x_BTD, self.wv_DKG[...].astype(dt))
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, o_BTNG):
-        return linear(o_BTNG, self.wo_NHD[...].astype(self.dtype), 2)
+        return linear(o_BTNG, self.wo_NGD[...].astype(self.dtype), 2)
 
     def __call__(self, x_BTD, cos, sin):
         """Returns (y_BTD, max_logit_N)."""
@@ -220,8 +225,9 @@ class MultiHeadAttention(nnx.Module):
         """Zeroed cache: rotated keys and values per kv head, k/v [B, S, K, H] each
         (``absorbed`` only matters to MLA)."""
         _, K, H = self.wk_DKH.shape
+        G = self.wv_DKG.shape[2]
         return {"k": jnp.zeros((batch, max_len, K, H), dtype),
-                "v": jnp.zeros((batch, max_len, K, H), dtype)}
+                "v": jnp.zeros((batch, max_len, K, G), dtype)}
 
     def forward_cached(self, x_BTD, cos, sin, cache: dict, positions_BT):
         """Attention of T new tokens at ``positions_BT`` over the cache after writing them to it.
@@ -255,19 +261,26 @@ class MLAttention(nnx.Module):
         dn, dv = qk_nope_head_dim, v_head_dim
         pd = param_dtype
         self.n_heads, self.dn, self.dr, self.dv, self.R = N, dn, P, dv, R
+        # roles (mlalm.optim): every weight is one whole matrix for Muon; the up-projections
+        # W_qb [Q, N*(d_n+d_r)] and W_kvb [R, N*(d_n+d_v)] are not split per head
+        matrix = {"label": "hidden", "fan_in": (0,), "fan_out": (1,), "dtype": pd}
+        up = {"label": "hidden", "fan_in": (0,), "fan_out": (1, 2), "dtype": pd}
         if q_lora_rank:
-            self.wq_a_DQ = param(rngs, (D, q_lora_rank), ("embed", "q_lora"), std=std, dtype=pd)
+            self.wq_a_DQ = param(rngs, (D, q_lora_rank), ("embed", "q_lora"), std=std, **matrix)
             self.q_norm = RMSNorm(q_lora_rank, eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
             self.wq_b_QNH = param(rngs, (q_lora_rank, N, dn + P), ("q_lora", "heads", "head_dim"),
-                                  std=std, dtype=pd)
+                                  std=std, **up)
         else:
-            self.wq_DNH = param(rngs, (D, N, dn + P), ("embed", "heads", "head_dim"), std=std, dtype=pd)
+            self.wq_DNH = param(rngs, (D, N, dn + P), ("embed", "heads", "head_dim"), std=std, **up)
         self.q_lora = bool(q_lora_rank)
-        # one matrix produces the latent c (R) and the shared rope key (P)
-        self.wkv_a_DR = param(rngs, (D, R + P), ("embed", "kv_lora"), std=std, dtype=pd)
+        # one matrix produces the latent c (R) and the shared rope key (P): width J = R + P
+        self.wkv_a_DJ = param(rngs, (D, R + P), ("embed", "kv_lora"), std=std, **matrix)
         self.kv_norm = RMSNorm(R, eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
-        self.wkv_b_RNH = param(rngs, (R, N, dn + dv), ("kv_lora", "heads", "head_dim"), std=std, dtype=pd)
-        self.wo_NHD = param(rngs, (N, dv, D), ("heads", "head_dim", "embed"), std=out_std, dtype=pd)
+        # per head k_nope then v: width U = d_n + d_v
+        self.wkv_b_RNU = param(rngs, (R, N, dn + dv), ("kv_lora", "heads", "head_dim"), std=std,
+                               **up)
+        self.wo_NGD = param(rngs, (N, dv, D), ("heads", "head_dim", "embed"), std=out_std,
+                            label="hidden", fan_in=(0, 1), fan_out=(2,), dtype=pd)
         self.scale = (dn + P) ** -0.5
         self.dtype = dtype
         self.impl = impl
@@ -284,20 +297,20 @@ class MLAttention(nnx.Module):
 
     def latent(self, x_BTD, cos, sin):
         """What MLA caches per token: normalised c_kv [B,T,R] and rotated k_pe [B,T,P]."""
-        ckv = linear(x_BTD, self.wkv_a_DR[...].astype(self.dtype))
+        ckv = linear(x_BTD, self.wkv_a_DJ[...].astype(self.dtype))
         c_kv = self.kv_norm(ckv[..., :self.R])
         k_pe = apply_rope(ckv[..., None, self.R:], cos, sin)[:, :, 0]
         return c_kv, k_pe
 
     def expand(self, c_kv_BSR, k_pe_BSP):
         """Per-head keys [B,S,N,dn+dr] and values [B,S,N,dv] from the latent (no absorption)."""
-        kv = linear(c_kv_BSR, self.wkv_b_RNH[...].astype(self.dtype))
+        kv = linear(c_kv_BSR, self.wkv_b_RNU[...].astype(self.dtype))
         k_nope, v = kv[..., :self.dn], kv[..., self.dn:]
         k_pe = jnp.broadcast_to(k_pe_BSP[:, :, None, :], k_nope.shape[:3] + (self.dr,))
         return jnp.concatenate([k_nope, k_pe], axis=-1), v
 
     def out(self, o_BTNG):
-        return linear(o_BTNG, self.wo_NHD[...].astype(self.dtype), 2)
+        return linear(o_BTNG, self.wo_NGD[...].astype(self.dtype), 2)
 
     def __call__(self, x_BTD, cos, sin):
         """Returns (y_BTD, max_logit_N)."""
@@ -338,7 +351,7 @@ class MLAttention(nnx.Module):
 
         c_c = cache_write(cache["c_kv"], c_kv, positions_BT)
         kp_c = cache_write(cache["k_pe"], k_pe, positions_BT)
-        w_kvb = self.wkv_b_RNH[...].astype(self.dtype)
+        w_kvb = self.wkv_b_RNU[...].astype(self.dtype)
         w_uk_RNH, w_uv_RNG = w_kvb[..., :self.dn], w_kvb[..., self.dn:]
         # q_nope·k_nope = q_nope·(W_UK c) = (q_nope·W_UK)·c: fold W_UK into the query
         q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk_RNH)
@@ -365,7 +378,7 @@ class MLAttention(nnx.Module):
         wq.set_value(wq[...] * q_scale[None].astype(wq.dtype))
         kv_scale = jnp.concatenate([jnp.broadcast_to(g[:, None], (self.n_heads, dn)),
                                     jnp.ones((self.n_heads, self.dv), g.dtype)], axis=1)
-        self.wkv_b_RNH.set_value(self.wkv_b_RNH[...] * kv_scale[None].astype(self.wkv_b_RNH.dtype))
+        self.wkv_b_RNU.set_value(self.wkv_b_RNU[...] * kv_scale[None].astype(self.wkv_b_RNU.dtype))
 
 
 def make_attention(cfg, *, rngs: nnx.Rngs) -> nnx.Module:

@@ -1,8 +1,10 @@
-"""Leaf layers: parameters with logical axes, RMSNorm, rotary embedding, SwiGLU."""
+"""Leaf layers: parameters with logical axes and optimizer roles, RMSNorm, rotary embedding,
+SwiGLU."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,23 +23,86 @@ class BalanceBias(nnx.Variable):
     """
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], *,
+# The role of a parameter, which decides its optimizer (mlalm.optim): 'hidden' matrices
+# are orthogonalised by Muon; the rest always go to Adam(W).
+LABELS = ("embedding", "head", "norm", "router", "hidden")
+
+
+class Roles(NamedTuple):
+    """What a parameter is, as the optimizer needs to know it (not parsed from its name).
+
+    label: one of :data:`LABELS`.
+    fan_in, fan_out, batch: axis indices.  A 'hidden' parameter is a linear map (or a
+        stack of them) from its ``fan_in`` axes to its ``fan_out`` axes, one map per
+        index of its ``batch`` axes; these three partition its axes.  Muon
+        orthogonalises it as the matrix [prod(fan_in), prod(fan_out)] per batch index.
+        Other labels may state fan_in/fan_out (empty when meaningless, e.g. a norm scale).
+    """
+    label: str
+    fan_in: tuple[int, ...] = ()
+    fan_out: tuple[int, ...] = ()
+    batch: tuple[int, ...] = ()
+
+
+def check_roles(roles: Roles, ndim: int, where: str = "parameter") -> Roles:
+    """``roles`` if it is consistent for an array of ``ndim`` axes, else ValueError."""
+    if roles.label not in LABELS:
+        raise ValueError(f"{where}: label {roles.label!r} is not one of {', '.join(LABELS)}")
+    axes = roles.fan_in + roles.fan_out + roles.batch
+    valid = all(isinstance(a, int) and 0 <= a < ndim for a in axes)
+    if not valid or len(set(axes)) != len(axes):
+        raise ValueError(f"{where}: fan_in={roles.fan_in}, fan_out={roles.fan_out}, "
+                         f"batch={roles.batch} must be distinct axis indices of a {ndim}-d array")
+    if roles.label == "hidden" and (not roles.fan_in or not roles.fan_out or len(axes) != ndim):
+        raise ValueError(f"{where}: a 'hidden' parameter needs non-empty fan_in and fan_out that "
+                         f"with batch cover all {ndim} axes (got fan_in={roles.fan_in}, "
+                         f"fan_out={roles.fan_out}, batch={roles.batch})")
+    return roles
+
+
+def param_roles(var, where: str = "parameter") -> Roles:
+    """The :class:`Roles` a parameter made by :func:`param` carries as Variable metadata
+    (optax's moments and the gradients keep the Param nodes and with them this metadata).
+
+    Raises:
+        TypeError: ``var`` is not an nnx.Variable.
+        ValueError: ``var`` carries no (or inconsistent) roles.
+    """
+    if not isinstance(var, nnx.Variable):
+        raise TypeError(f"{where}: a {type(var).__name__}, not an nnx.Param made by "
+                         f"mlalm.model.layers.param, so it has no optimizer label")
+    meta = var.get_metadata()
+    if "label" not in meta:
+        raise ValueError(f"{where}: no 'label' metadata; create it with "
+                         f"mlalm.model.layers.param(..., label=...)")
+    roles = Roles(meta["label"], tuple(meta.get("fan_in", ())), tuple(meta.get("fan_out", ())),
+                  tuple(meta.get("batch", ())))
+    return check_roles(roles, len(var.shape), where)
+
+
+def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], *, label: str,
+          fan_in: tuple[int, ...] = (), fan_out: tuple[int, ...] = (), batch: tuple[int, ...] = (),
           std: float | None = 0.02, dtype=jnp.float32, init: str = "normal") -> nnx.Param:
-    """A parameter carrying its logical axis names (read by ``mlalm.sharding``).
+    """A parameter carrying its logical axis names (read by ``mlalm.sharding``) and its
+    optimizer roles (read by ``mlalm.optim``; see :class:`Roles`).
 
     Args:
         shape: parameter shape; ``axes`` names each dimension (None: never sharded).
+        label, fan_in, fan_out, batch: the roles, stored as Variable metadata beside
+            ``axes``; checked by :func:`check_roles`.
         std: standard deviation of the (truncated at 3 sigma) normal initialiser.
         init: 'normal', 'ones' or 'zeros'.
     """
     assert len(shape) == len(axes), (shape, axes)
+    roles = check_roles(Roles(label, tuple(fan_in), tuple(fan_out), tuple(batch)), len(shape),
+                        f"parameter of shape {tuple(shape)}")
     if init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
         value = jnp.zeros(shape, dtype)
     else:
         value = jnp.asarray(std * _truncated_normal(rngs.params(), shape), dtype)
-    return nnx.Param(value, axes=tuple(axes))
+    return nnx.Param(value, axes=tuple(axes), **roles._asdict())
 
 
 def _truncated_normal(key, shape):
@@ -88,7 +153,7 @@ class RMSNorm(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
-        self.scale = param(rngs, (dim,), ("norm",), init="ones", dtype=param_dtype)
+        self.scale = param(rngs, (dim,), ("norm",), label="norm", init="ones", dtype=param_dtype)
         self.eps = eps
         self.dtype = dtype
 
@@ -131,9 +196,10 @@ class SwiGLU(nnx.Module):
 
     def __init__(self, d_model: int, ffn_dim: int, *, std: float, out_std: float,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.w_gate_DF = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=std, dtype=param_dtype)
-        self.w_up_DF = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=std, dtype=param_dtype)
-        self.w_down_FD = param(rngs, (ffn_dim, d_model), ("mlp", "embed"), std=out_std, dtype=param_dtype)
+        matrix = {"label": "hidden", "fan_in": (0,), "fan_out": (1,), "dtype": param_dtype}
+        self.w_gate_DF = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=std, **matrix)
+        self.w_up_DF = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=std, **matrix)
+        self.w_down_FD = param(rngs, (ffn_dim, d_model), ("mlp", "embed"), std=out_std, **matrix)
         self.dtype = dtype
 
     def __call__(self, x_BTD):

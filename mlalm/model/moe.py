@@ -17,6 +17,7 @@ Dispatch runs every expert as one batched matmul:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -36,6 +37,21 @@ def balance_bias_update(bias_E, load_E, rate: float):
     """
     load = load_E.astype(jnp.float32)
     return bias_E + rate * jnp.sign(jnp.mean(load) - load)
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """The routing options of :func:`route` (``route(x, w, b, **dataclasses.asdict(r))``).
+
+    Frozen, hence hashable: a module keeps it as a static attribute, and the model's
+    graphdef stays hashable (``mlalm.generate`` keys its compiled programs on it).
+    """
+    top_k: int
+    scoring: str
+    n_group: int
+    topk_group: int
+    norm_topk_prob: bool
+    routed_scaling_factor: float
 
 
 def route(x_ND, w_DE, bias_E, *, top_k: int, scoring: str, n_group: int, topk_group: int,
@@ -140,17 +156,23 @@ class MoE(nnx.Module):
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         D, E, F = d_model, n_routed_experts, expert_ffn_dim
         pd = param_dtype
-        self.w_router_DE = param(rngs, (D, E), ("embed", None), std=std, dtype=jnp.float32)
+        self.w_router_DE = param(rngs, (D, E), ("embed", None), label="router", fan_in=(0,),
+                                 fan_out=(1,), std=std, dtype=jnp.float32)
         self.bias_E = BalanceBias(jnp.zeros((E,), jnp.float32), axes=(None,))
-        self.w_gate_EDF = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=std, dtype=pd)
-        self.w_up_EDF = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=std, dtype=pd)
-        self.w_down_EFD = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), std=out_std, dtype=pd)
+        # roles (mlalm.optim): E stacked matrices, orthogonalised by Muon one expert at a time
+        expert = {"label": "hidden", "batch": (0,), "fan_in": (1,), "fan_out": (2,), "dtype": pd}
+        self.w_gate_EDF = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=std,
+                                **expert)
+        self.w_up_EDF = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=std,
+                              **expert)
+        self.w_down_EFD = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), std=out_std,
+                                **expert)
         self.shared = (SwiGLU(D, F * n_shared_experts, std=std, out_std=out_std, dtype=dtype,
                               param_dtype=pd, rngs=rngs) if n_shared_experts else None)
         self.n_experts, self.top_k = E, top_k
-        self.route_kw = dict(top_k=top_k, scoring=scoring, n_group=n_group, topk_group=topk_group,
-                             norm_topk_prob=norm_topk_prob,
-                             routed_scaling_factor=routed_scaling_factor)
+        self.routing = Routing(top_k=top_k, scoring=scoring, n_group=n_group, topk_group=topk_group,
+                               norm_topk_prob=norm_topk_prob,
+                               routed_scaling_factor=routed_scaling_factor)
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
         self.dtype = dtype
@@ -163,7 +185,8 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         with jax.named_scope("router"):
-            idx, w, s = route(x_ND, self.w_router_DE[...], self.bias_E[...], **self.route_kw)
+            idx, w, s = route(x_ND, self.w_router_DE[...], self.bias_E[...],
+                              **dataclasses.asdict(self.routing))
         dt = self.dtype
         weights = (self.w_gate_EDF[...].astype(dt), self.w_up_EDF[...].astype(dt),
                    self.w_down_EFD[...].astype(dt))

@@ -82,12 +82,15 @@ class Transformer(nnx.Module):
             raise ConfigError("model.vocab_size is not set (the trainer takes it from the tokenizer)")
         self.cfg = cfg
         dt, pd = DTYPES[m.dtype], DTYPES[m.param_dtype]
-        self.embed_VD = param(rngs, (m.vocab_size, m.d_model), ("vocab", "embed"), std=m.init_std, dtype=pd)
+        # a row lookup = a one-hot [V] input times [V, D]
+        self.embed_VD = param(rngs, (m.vocab_size, m.d_model), ("vocab", "embed"),
+                              label="embedding", fan_in=(0,), fan_out=(1,), std=m.init_std,
+                              dtype=pd)
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(m.n_layers)])
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dt, param_dtype=pd, rngs=rngs)
         if not m.tie_embeddings:
-            self.head_DV = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"),
-                                 std=m.init_std, dtype=pd)
+            self.head_DV = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), label="head",
+                                 fan_in=(0,), fan_out=(1,), std=m.init_std, dtype=pd)
         self.dtype = dt
         a = cfg.attention
         self.rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
