@@ -166,6 +166,32 @@ def grain_throughput(directory: str, seq_len: int, batch: int, seconds: float = 
     return {"seq_len": seq_len, "batch": batch, "tokens_per_s": rate, "vs_1M": rate / 1e6}
 
 
+def train_start(data_path: str | None, work: str, cache: str, name: str) -> dict:
+    """``python train.py`` (configs/default.yaml's model, compilation cache off) on
+    ``data_path`` (None: the built-in corpus): seconds from process start to the first
+    step's log line, and the peak RSS of the process tree until then."""
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "train.steps=2", "train.log_every=1",
+           "train.progress=false", "train.compile_cache=false", "checkpoint.every=0",
+           f"train.run_dir={os.path.join(work, 'runs')}", f"train.name={name}", "train.resume=never",
+           f"data.cache_dir={cache}"] + ([f"data.path={data_path}"] if data_path else [])
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    rss = TreeRSS(p.pid)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.startswith("step 1/"):
+            break
+    first = time.perf_counter() - t0
+    peak = rss.stop()
+    p.kill()
+    p.wait()
+    if not lines or not lines[-1].startswith("step 1/"):
+        raise RuntimeError("train.py ended before its first step:\n" + "".join(lines[-20:]))
+    return {"first_step_s": first, "peak_rss_bytes": peak}
+
+
 def bench_size(size: int, args, work: str) -> dict:
     res = {"size_bytes": size}
     corpus = os.path.join(work, "corpus.jsonl")
@@ -218,6 +244,17 @@ def bench_size(size: int, args, work: str) -> dict:
               f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
         res["grain_bpe"] = [grain_throughput(bpe_dir, t, b) for t, b in ((args.seq_len, 16), (1024, 8))]
     res["ceiling"] = ceiling(corpus, os.path.join(bpe_dir, "tokenizer.json") if "bpe" in args.tokenizers else None)
+    if args.train_start:  # train.py to its first step: this corpus vs the built-in one
+        builtin_cache = os.path.join(work, "builtin-cache")
+        train_start(None, work, builtin_cache, "warm")  # prepares the built-in corpus once
+        res["train_start"] = {"builtin": train_start(None, work, builtin_cache, "builtin")}
+        if "byte" in args.tokenizers:
+            res["train_start"]["raw_byte"] = train_start(corpus, work, cache, "raw")
+        if "bpe" in args.tokenizers:
+            res["train_start"]["prepared_bpe"] = train_start(bpe_dir, work, cache, "bpe")
+        for k, x in res["train_start"].items():
+            print(f"  train.py to its first step, {k}: {x['first_step_s']:.1f}s, peak RSS "
+                  f"{x['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
     return res
 
 
@@ -244,6 +281,9 @@ def table(results: list[dict]) -> str:
         if "encode_batch_MBps" in c:
             rows.append((size, "ceiling, 1 process", "", f"{c['encode_batch_MBps']:.1f}", "",
                          f"tokenizers encode_batch (encode_batch_fast {c['encode_batch_fast_MBps']:.1f})"))
+        for k, x in r.get("train_start", {}).items():
+            rows.append((size, f"train.py, {k}", f"{x['first_step_s']:.1f}s", "",
+                         f"{x['peak_rss_bytes'] / 2**20:.0f} MiB", "process start to the first step"))
         for key in ("grain_byte", "grain_bpe"):
             for g in r.get(key, []):
                 rows.append((size, f"grain, {key[6:]}", "", "", "",
@@ -267,6 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--train-start", action="store_true",
+                   help="also time python train.py from process start to its first step on this "
+                        "corpus and on the built-in one (default model, compilation cache off)")
     args = p.parse_args(argv)
     from mlalm.data.memory import parse_size
     args.tokenizers = args.tokenizers.split(",")
