@@ -121,7 +121,8 @@ def traced_matmul_flops(fn, *args, **kwargs) -> int:
 
 # bf16 dense peaks (FLOP/s, no sparsity) of accelerators, by device_kind prefix; the first
 # matching prefix wins (so the PCIe H100 comes before the SXM one)
-_ACCEL_PEAKS = {"NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
+# longer prefixes first: the first prefix that matches wins
+_ACCEL_PEAKS = {"NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
                 "NVIDIA GH200": 989e12, "NVIDIA A100": 312e12, "TPU v4": 275e12,
                 "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6": 918e12}
 

@@ -9,6 +9,8 @@
   step_profile where the training step's time goes: its pieces, one layer's parts,
                whole-step variants and a per-op trace
   report       the summary figures (MFU, ratios, fastest rounds) and the table
+  gpu/         the GPU acceptance stages behind ``scripts/gpu_check.py`` (kernels against
+               float64, attention and decode speed, MFU, bf16 against float32)
 
 Each workload is a function of a JSON-able spec that returns a JSON-able dict
 (``worker.WORKERS``); ``worker.run_worker`` runs one in a fresh process, so that its
