@@ -51,12 +51,14 @@ ITEMS = ("state", "data", "meta")
 
 def _grain_args():
     import grain
+
     return grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointRestore
 
 
 # ---------------------------------------------------------------------------------------
 # Manifests and metadata
 # ---------------------------------------------------------------------------------------
+
 
 def _files(step_dir: str):
     """Every file of the items (Orbax's own top-level metadata is rewritten after saving)."""
@@ -124,8 +126,11 @@ def read_meta(step_dir: str) -> dict:
             meta = json.load(f)
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or (
-            path != export and not isinstance(meta.get("step"), int)):
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("config"), dict)
+        or (path != export and not isinstance(meta.get("step"), int))
+    ):
         raise CheckpointError(f"{path} is not a checkpoint metadata record (no config or step)")
     return meta
 
@@ -138,7 +143,7 @@ def abstract_arrays(tree, shardings=None):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _disk_error(e: BaseException) -> str | None:
+def _disk_error(e: BaseException | None) -> str | None:
     while e is not None:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return "the disk is full"
@@ -154,6 +159,7 @@ def _disk_error(e: BaseException) -> str | None:
 # The manager
 # ---------------------------------------------------------------------------------------
 
+
 class Checkpointer:
     """Saves and restores ``(state, data iterator, meta)`` under ``directory``.
 
@@ -163,21 +169,32 @@ class Checkpointer:
         log: where warnings go (the trainer's console logger).
     """
 
-    def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
-                 async_save: bool = True, log=print):
+    def __init__(
+        self, directory: str, *, keep: int = 3, keep_best: bool = True, async_save: bool = True, log=print
+    ):
         self.directory = os.path.abspath(directory)
         self.log = log
         self._last_step = None
         self._started = None  # (step, time) of the save in flight
-        policies = [cm.LatestN(n=keep)]
+        policies: list[cm.PreservationPolicy] = [cm.LatestN(n=keep)]
         if keep_best:  # lowest validation loss; BestN keeps the last n of the sorted list
-            policies.append(cm.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
-                                     keep_checkpoints_without_metrics=False))
+            policies.append(
+                cm.BestN(
+                    get_metric_fn=lambda m: m["val_loss"],
+                    reverse=True,
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=cm.AnyPreservationPolicy(policies),
             enable_async_checkpointing=async_save,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._after_save) if async_save else None,
-            cleanup_tmp_directories=True, create=False)
+            async_options=ocp.AsyncOptions(post_finalization_callback=self._after_save)
+            if async_save
+            else None,
+            cleanup_tmp_directories=True,
+            create=False,
+        )
         self.async_save = async_save
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
 
@@ -204,14 +221,20 @@ class Checkpointer:
         self.wait()  # the previous save's errors surface here, before a new one starts
         CheckpointSave, _ = _grain_args()
         os.makedirs(self.directory, exist_ok=True)
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=CheckpointSave(data_iter),
-                                  meta=ocp.args.JsonSave({**meta, "step": int(step), "val_loss": val_loss}))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave({**meta, "step": int(step), "val_loss": val_loss}),
+        )
         self._last_step = step
         self._started = (step, time.perf_counter())
         try:
-            self.manager.save(step, args=args, force=True,
-                              metrics={"val_loss": float(val_loss)} if val_loss is not None else None)
+            self.manager.save(
+                step,
+                args=args,
+                force=True,
+                metrics={"val_loss": float(val_loss)} if val_loss is not None else None,
+            )
         except Exception as e:  # noqa: BLE001 - anything Orbax raises is a failed save
             raise self._save_error(step, e) from None
         if not self.async_save:
@@ -256,7 +279,8 @@ class Checkpointer:
         why = _disk_error(e) or f"{type(e).__name__}: {e}".splitlines()[0][:300]
         return CheckpointError(
             f"saving checkpoint {step} in {self.directory} failed: {why}; earlier checkpoints "
-            f"{sorted(kept) if kept else '(none)'} are intact")
+            f"{sorted(kept) if kept else '(none)'} are intact"
+        )
 
     def close(self) -> None:
         self.wait()
@@ -286,9 +310,9 @@ class Checkpointer:
             step: exactly this step (damage is then an error); None: the newest usable
                 one -- a damaged checkpoint is moved aside with a warning naming what was
                 wrong, and the previous one is tried.
-            check: ``check(meta)`` before restoring (e.g. the model's compatibility);
-                the CheckpointError it raises is not damage: it propagates and the
-                checkpoint stays where it is.
+            check: ``check(meta, step_dir)`` before restoring (e.g. the model's
+                compatibility); the CheckpointError it raises is not damage: it propagates
+                and the checkpoint stays where it is.
         ``data_iter``'s position is restored in place.
 
         Returns:
@@ -301,7 +325,7 @@ class Checkpointer:
         if step is not None and step not in steps:
             raise CheckpointError(f"{self.directory} has no checkpoint {step} (it has {steps or 'none'})")
         tried = []
-        for s in ([step] if step is not None else reversed(steps)):
+        for s in [step] if step is not None else reversed(steps):
             step_dir = os.path.join(self.directory, str(s))
             problem = check_manifest(step_dir)
             if problem is None:
@@ -311,30 +335,40 @@ class Checkpointer:
                     problem = str(e)
             if problem is None:
                 if check is not None:
-                    check(meta)
+                    check(meta, step_dir)
                 problem = self._read(s, abstract_state, data_iter)
                 if not isinstance(problem, str):
                     return problem
             if step is not None:
-                raise CheckpointError(f"checkpoint {step_dir} is damaged ({problem}); choose another "
-                                      f"step, or resume the run directory to use its newest usable one")
+                raise CheckpointError(
+                    f"checkpoint {step_dir} is damaged ({problem}); choose another "
+                    f"step, or resume the run directory to use its newest usable one"
+                )
             moved = self._set_aside(step_dir)
-            self.log(f"warning: checkpoint {step_dir} is damaged ({problem}); moved to {moved}, "
-                     f"falling back to the previous checkpoint")
+            self.log(
+                f"warning: checkpoint {step_dir} is damaged ({problem}); moved to {moved}, "
+                f"falling back to the previous checkpoint"
+            )
             tried.append(s)
         if tried:
-            raise CheckpointError(f"no usable checkpoint in {self.directory}: steps {tried} are damaged "
-                                  f"(moved to {self._aside_dir()})")
+            raise CheckpointError(
+                f"no usable checkpoint in {self.directory}: steps {tried} are damaged "
+                f"(moved to {self._aside_dir()})"
+            )
         return None
 
     def _read(self, step: int, abstract_state, data_iter):
         """(state, meta), or a string saying why Orbax could not read the checkpoint."""
         _, CheckpointRestore = _grain_args()
         try:
-            out = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=CheckpointRestore(data_iter),
-                meta=ocp.args.JsonRestore()))
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=CheckpointRestore(data_iter),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
             return out["state"], out["meta"]
         except Exception as e:  # noqa: BLE001 - unreadable: damaged
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
@@ -356,6 +390,7 @@ class Checkpointer:
 # Finding checkpoints
 # ---------------------------------------------------------------------------------------
 
+
 def is_step_dir(path: str) -> bool:
     return os.path.isdir(os.path.join(path, "state")) and os.path.isdir(os.path.join(path, "meta"))
 
@@ -375,10 +410,14 @@ def find_checkpoint(path: str, *, warn=None) -> str:
     ckpts = os.path.join(path, "checkpoints")
     directory = ckpts if os.path.isdir(ckpts) else path
     if not os.path.isdir(directory):
-        raise CheckpointError(f"{path} is a file; expected a run directory, a checkpoint step "
-                              f"directory or an exported params directory")
-    steps = sorted((int(d) for d in os.listdir(directory) if d.isdigit()
-                    and is_step_dir(os.path.join(directory, d))), reverse=True)
+        raise CheckpointError(
+            f"{path} is a file; expected a run directory, a checkpoint step "
+            f"directory or an exported params directory"
+        )
+    steps = sorted(
+        (int(d) for d in os.listdir(directory) if d.isdigit() and is_step_dir(os.path.join(directory, d))),
+        reverse=True,
+    )
     for step in steps:
         step_dir = os.path.join(directory, str(step))
         problem = check_manifest(step_dir)
@@ -389,5 +428,7 @@ def find_checkpoint(path: str, *, warn=None) -> str:
             except CheckpointError as e:
                 problem = str(e)
         warn(f"warning: checkpoint {step_dir} is damaged ({problem}); using the previous one")
-    raise CheckpointError(f"{path} holds no usable checkpoint (expected a run directory with "
-                          f"checkpoints/, a checkpoint step directory, or an exported params directory)")
+    raise CheckpointError(
+        f"{path} holds no usable checkpoint (expected a run directory with "
+        f"checkpoints/, a checkpoint step directory, or an exported params directory)"
+    )

@@ -18,13 +18,19 @@ def _quiet_background_noise() -> None:
     unraisable errors, once per callback (hundreds of lines).  The trainer reports the
     failure itself as a CheckpointError naming the cause."""
     import logging
+
     logging.getLogger("absl").setLevel(logging.CRITICAL)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # "Task exception was never retrieved"
     hook = sys.unraisablehook
 
     def unraisablehook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+        if (
+            isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == "Event loop is closed"
+        ):
             return
         hook(unraisable)
+
     sys.unraisablehook = unraisablehook
 
 
@@ -35,6 +41,7 @@ def run_command(body, *, quiet_unraisable: bool = False) -> int:
     the ImportError it is, with its traceback, not hidden behind another error.
     """
     from mlalm.errors import CheckpointError, ConfigError, DataError
+
     if quiet_unraisable:
         _quiet_background_noise()
     try:
@@ -51,6 +58,7 @@ def run_command(body, *, quiet_unraisable: bool = False) -> int:
         return 130
     except Exception as e:  # noqa: BLE001 - NonFiniteError only; anything else re-raised
         from mlalm.train.report import NonFiniteError
+
         if isinstance(e, NonFiniteError):
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -68,17 +76,19 @@ def default_config_path() -> str | None:
 def train_main(argv=None) -> int:
     """``python train.py [--config FILE] [section.key=value ...]``."""
     from mlalm.config import describe_keys
+
     default = default_config_path()
     parser = argparse.ArgumentParser(
         prog="train.py",
         description="Train an MLA/MoE language model. Without --config, configs/default.yaml "
-                    "is used (a small MLA + MoE model); a --config file starts from the built-in "
-                    "defaults listed below (a dense model) unless it names a base file with "
-                    "'base: default.yaml'. Without data.path: the built-in corpus (this Python's "
-                    "standard library sources).",
+        "is used (a small MLA + MoE model); a --config file starts from the built-in "
+        "defaults listed below (a dense model) unless it names a base file with "
+        "'base: default.yaml'. Without data.path: the built-in corpus (this Python's "
+        "standard library sources).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="overrides (section.key=value) and their built-in defaults (configs/default.yaml "
-               "changes some of them):\n" + describe_keys())
+        "changes some of them):\n" + describe_keys(),
+    )
     parser.add_argument("--config", help="YAML config file (names only what differs from the defaults)")
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
     args = parser.parse_args(argv)
@@ -86,6 +96,7 @@ def train_main(argv=None) -> int:
     def body():
         from mlalm.config import load_config
         from mlalm.train import train
+
         path = args.config if args.config is not None else default
         cfg = load_config(path, args.overrides)
         name = os.path.splitext(os.path.basename(path))[0] if path else "default"
@@ -97,28 +108,50 @@ def train_main(argv=None) -> int:
 def _eval_args(argv=None):
     p = argparse.ArgumentParser(
         prog="eval.py",
-        description="Evaluate a checkpoint: perplexity, bits per byte, word perplexity, KV cache, decode speed.",
+        description="Evaluate a checkpoint: perplexity, bits per byte, word perplexity, KV cache, "
+        "decode speed.",
         epilog="Windows: one end-of-text token, then the split; windows of train.seq_len + 1 "
-               "tokens every train.seq_len tokens, so every token of the split is predicted "
-               "exactly once (context: the tokens before it in its window). Bits per byte: "
-               "total NLL / ln 2 / UTF-8 bytes of the scored text. Word perplexity: "
-               "exp(total NLL / (whitespace-separated words + lines)), the WikiText convention.")
-    p.add_argument("path", metavar="RUN_DIR_OR_CHECKPOINT",
-                   help="a run directory (its newest checkpoint), a step directory or a params export")
-    p.add_argument("--data", help="a text file, JSONL file or directory to evaluate instead of "
-                                  "the checkpoint config's split")
-    p.add_argument("--split", choices=("valid", "test"), default=None,
-                   help="the config's split (default valid); with --data, only the label of the "
-                        "results (default 'data')")
+        "tokens every train.seq_len tokens, so every token of the split is predicted "
+        "exactly once (context: the tokens before it in its window). Bits per byte: "
+        "total NLL / ln 2 / UTF-8 bytes of the scored text. Word perplexity: "
+        "exp(total NLL / (whitespace-separated words + lines)), the WikiText convention.",
+    )
+    p.add_argument(
+        "path",
+        metavar="RUN_DIR_OR_CHECKPOINT",
+        help="a run directory (its newest checkpoint), a step directory or a params export",
+    )
+    p.add_argument(
+        "--data",
+        help="a text file, JSONL file or directory to evaluate instead of the checkpoint config's split",
+    )
+    p.add_argument(
+        "--split",
+        choices=("valid", "test"),
+        default=None,
+        help="the config's split (default valid); with --data, only the label of the "
+        "results (default 'data')",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default train.batch_size)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help="windows per batch (default train.batch_size)"
+    )
     p.add_argument("--max-batches", type=int, default=0, help="evaluate only the first N batches (0: all)")
-    p.add_argument("--decode-batch", type=int, default=8, help="batch of the KV-cache measurement and decode timing")
-    p.add_argument("--decode-context", type=int, default=None,
-                   help="tokens already cached (default min(1024, model.max_seq_len))")
-    p.add_argument("--memory-budget", default="1GiB",
-                   help="bytes (e.g. 8GiB, 1.5GB) for the longest context whose KV cache fits, "
-                        "at batch 1, cache only (default 1GiB)")
+    p.add_argument(
+        "--decode-batch", type=int, default=8, help="batch of the KV-cache measurement and decode timing"
+    )
+    p.add_argument(
+        "--decode-context",
+        type=int,
+        default=None,
+        help="tokens already cached (default min(1024, model.max_seq_len))",
+    )
+    p.add_argument(
+        "--memory-budget",
+        default="1GiB",
+        help="bytes (e.g. 8GiB, 1.5GB) for the longest context whose KV cache fits, "
+        "at batch 1, cache only (default 1GiB)",
+    )
     p.add_argument("--no-decode", action="store_true", help="skip the decode-speed measurement")
     return p.parse_args(argv)
 
@@ -132,8 +165,15 @@ def eval_main(argv=None) -> int:
         import json
 
         from mlalm.errors import CheckpointError, DataError
-        from mlalm.evaluate import (evaluate_checkpoint, format_table, is_run_dir, parse_bytes,
-                                    stderr_progress, write_run_outputs)
+        from mlalm.evaluate import (
+            evaluate_checkpoint,
+            format_table,
+            is_run_dir,
+            parse_bytes,
+            stderr_progress,
+            write_run_outputs,
+        )
+
         budget = parse_bytes(args.memory_budget)  # fail fast, before loading anything
         if not os.path.exists(args.path):
             raise CheckpointError(f"{args.path}: no such run directory or checkpoint")
@@ -142,14 +182,23 @@ def eval_main(argv=None) -> int:
         log = stderr_progress()
         with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the results
             report = evaluate_checkpoint(
-                args.path, data=args.data, split=args.split, batch_size=args.batch_size,
-                max_batches=args.max_batches, decode_batch=args.decode_batch,
-                decode_context=args.decode_context, memory_budget=budget,
-                decode=not args.no_decode, log=log)
+                args.path,
+                data=args.data,
+                split=args.split,
+                batch_size=args.batch_size,
+                max_batches=args.max_batches,
+                decode_batch=args.decode_batch,
+                decode_context=args.decode_context,
+                memory_budget=budget,
+                decode=not args.no_decode,
+                log=log,
+            )
             if is_run_dir(args.path):
                 written = write_run_outputs(args.path, report)
-                log(f"wrote {written} and TensorBoard scalars eval/{report['split']}/* "
-                    f"at step {report['step']}")
+                log(
+                    f"wrote {written} and TensorBoard scalars eval/{report['split']}/* "
+                    f"at step {report['step']}"
+                )
         print(json.dumps(report) if args.json else format_table(report))
         return 0 if report["kv_cache"]["agrees"] else 1
 

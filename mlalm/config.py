@@ -20,7 +20,7 @@ import os
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -30,7 +30,7 @@ from mlalm.validation import validate
 
 @dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: Optional[int] = None  # None: taken from the tokenizer
+    vocab_size: int | None = None  # None: taken from the tokenizer
     d_model: int = 256
     n_layers: int = 4
     ffn_dim: int = 768  # dense SwiGLU width (dense layers and MoE-off models)
@@ -48,7 +48,7 @@ class AttentionConfig:
     kind: Literal["mla", "mha", "gqa", "mqa"] = "mla"
     n_heads: int = 4
     # MHA/GQA/MQA
-    n_kv_heads: Optional[int] = None  # gqa: required; mha: = n_heads; mqa: 1
+    n_kv_heads: int | None = None  # gqa: required; mha: = n_heads; mqa: 1
     head_dim: int = 64
     # MLA
     q_lora_rank: int = 0  # 0: no q low-rank projection (W_q h directly)
@@ -92,32 +92,34 @@ class OptimConfig:
     decay_embeddings: bool = False
     clip_norm: float = 1.0  # 0 disables global-norm clipping
     # Muon (optim.name=muon): hidden matrices; embeddings, head, norms, router use Adam
-    adam_lr: Optional[float] = None  # the Adam side's peak learning rate (None: optim.lr)
+    adam_lr: float | None = None  # the Adam side's peak learning rate (None: optim.lr)
     muon_momentum: float = 0.95  # Nesterov momentum
-    muon_weight_decay: Optional[float] = None  # None: optim.weight_decay
+    muon_weight_decay: float | None = None  # None: optim.weight_decay
     ns_steps: int = 5
     # quintic Newton-Schulz coefficients (a, b, c): p(x) = a x + b x^3 + c x^5; several
     # triples ([[a, b, c], ...]) give one per step (the last ns_steps are used)
     ns_coeffs: tuple = (3.4445, -4.7750, 2.0315)
-    qk_clip_tau: Optional[float] = None  # QK-clip threshold on attention logits (Kimi K2: 100)
-    muon_scale: Literal["rms", "shape"] = "rms"  # rms: 0.2*sqrt(max(fan_in, fan_out)); shape: sqrt(max(1, fan_out/fan_in))
+    qk_clip_tau: float | None = None  # QK-clip threshold on attention logits (Kimi K2: 100)
+    muon_scale: Literal["rms", "shape"] = (
+        "rms"  # rms: 0.2*sqrt(max(fan_in, fan_out)); shape: sqrt(max(1, fan_out/fan_in))
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # text (a file, directory or glob: text, JSON Lines, parquet, .gz/.zst) prepared into the
     # cache once, or a directory made by scripts/prepare.py; None: the built-in corpus
-    path: Optional[str] = None
-    val_path: Optional[str] = None  # evaluated whole; data.path is then not split
+    path: str | None = None
+    val_path: str | None = None  # evaluated whole; data.path is then not split
     val_fraction: float = 0.1  # of data.path's documents (of its bytes for a single document)
-    test_path: Optional[str] = None  # evaluated once at the end of training when set
+    test_path: str | None = None  # evaluated once at the end of training when set
     tokenizer: str = "byte"  # byte | bpe (trained on the training split) | path of a tokenizer.json
-    eos_token: Optional[str] = None  # end-of-text token of a tokenizer.json (None: found by name)
+    eos_token: str | None = None  # end-of-text token of a tokenizer.json (None: found by name)
     bpe_vocab_size: int = 8192
     text_key: str = "text"  # JSON field / parquet column holding the text
     # [{path: DIR, weight: w}, ...]: train on prepared directories mixed by weight (instead of path)
-    mix: Optional[tuple] = None
-    cache_dir: Optional[str] = None  # None: ~/.cache/mlalm
+    mix: tuple | None = None
+    cache_dir: str | None = None  # None: ~/.cache/mlalm
     prepare_workers: int = 0  # processes encoding raw text (0: one per core)
     max_memory: str = "2GB"  # peak memory of preparing raw text, all processes together
     shard_mb: int = 256  # size of each token file of a prepared directory
@@ -133,8 +135,9 @@ class DataConfig:
 
     def __post_init__(self):
         if isinstance(self.mix, (list, tuple)):
-            object.__setattr__(self, "mix", tuple(
-                DataConfig._MixEntry(e) if isinstance(e, dict) else e for e in self.mix))
+            object.__setattr__(
+                self, "mix", tuple(DataConfig._MixEntry(e) if isinstance(e, dict) else e for e in self.mix)
+            )
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,7 @@ class TrainConfig:
     loss_chunk: int = 256  # tokens per chunk of the fused LM head + loss (0: plain logits)
     seed: int = 0
     run_dir: str = "runs"
-    name: Optional[str] = None  # None: derived from the config file name
+    name: str | None = None  # None: derived from the config file name
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 20  # periodic validation: batches (0: the whole split)
@@ -178,9 +181,9 @@ class MeshConfig:
     # multi-process (jax.distributed): 'env' initialises when a coordinator is given here
     # or in JAX_COORDINATOR_ADDRESS; 'auto' lets JAX detect SLURM / TPU pods; 'off' never
     distributed: Literal["env", "auto", "off"] = "env"
-    coordinator: Optional[str] = None  # host:port of process 0
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
+    coordinator: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class Config:
         if a.kind == "mqa":
             return 1
         if a.kind == "gqa":
+            assert a.n_kv_heads is not None, "attention.n_kv_heads must be set for kind=gqa (validation.py)"
             return a.n_kv_heads
         return a.n_heads
 
@@ -216,7 +220,8 @@ class Config:
             if isinstance(x, (list, tuple)):
                 return [plain(v) for v in x]
             return x
-        return plain(dataclasses.asdict(self))
+
+        return typing.cast(dict, plain(dataclasses.asdict(self)))  # a dict stays a dict
 
 
 SECTIONS = {f.name: f.type for f in fields(Config)}
@@ -225,6 +230,7 @@ SECTIONS = {f.name: f.type for f in fields(Config)}
 # ---------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------
+
 
 def _section_classes() -> dict[str, type]:
     hints = typing.get_type_hints(Config)
@@ -295,17 +301,19 @@ def check_structure(raw, where: str = "config") -> None:
         if section not in classes:
             raise ConfigError(
                 f"{where}: unknown config section '{section}'{_did_you_mean(section, classes)} "
-                f"(valid: {', '.join(classes)})")
+                f"(valid: {', '.join(classes)})"
+            )
         if values is None:
             continue
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: section '{section}' must be a mapping of keys "
-                              f"(e.g. '{section}:' then indented 'key: value' lines), got {values!r}")
+            raise ConfigError(
+                f"{where}: section '{section}' must be a mapping of keys "
+                f"(e.g. '{section}:' then indented 'key: value' lines), got {values!r}"
+            )
         hints = typing.get_type_hints(classes[section])
         for key in values:
             if key not in hints:
-                raise ConfigError(f"{where}: unknown config key '{section}.{key}'"
-                                  f"{_did_you_mean(key, hints)}")
+                raise ConfigError(f"{where}: unknown config key '{section}.{key}'{_did_you_mean(key, hints)}")
 
 
 def from_dict(raw: dict | None, base: Config | None = None) -> Config:
@@ -414,6 +422,8 @@ def describe_keys() -> str:
                 if typing.get_origin(tp) in (typing.Union, types.UnionType):
                     inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
                     tname = f"{inner.__name__}|null"
-            lines.append(f"  {section}.{f.name:<24} {tname:<28} "
-                         f"default: {getattr(getattr(default, section), f.name)!r}")
+            lines.append(
+                f"  {section}.{f.name:<24} {tname:<28} "
+                f"default: {getattr(getattr(default, section), f.name)!r}"
+            )
     return "\n".join(lines)

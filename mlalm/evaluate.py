@@ -45,25 +45,40 @@ from mlalm.data.tokenizers import spelled_documents
 from mlalm.errors import ConfigError, DataError
 from mlalm.sharding import to_host
 
-WINDOW_SCHEME = ("one end-of-text token, then the split; windows of T+1 tokens every T tokens "
-                 "(consecutive windows share one token), so every token of the split is predicted "
-                 "exactly once, from the tokens before it in its window")
+WINDOW_SCHEME = (
+    "one end-of-text token, then the split; windows of T+1 tokens every T tokens "
+    "(consecutive windows share one token), so every token of the split is predicted "
+    "exactly once, from the tokens before it in its window"
+)
 DEFAULT_BUDGET = "1GiB"
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 # ---------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------
 
+
 def parse_bytes(text: str, *, key: str = "--memory-budget") -> int:
     """``'8GiB'`` -> 8·2^30, ``'1.5GB'`` -> 1.5·10^9, ``'1000'`` -> 1000 (bytes)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
-        raise ConfigError(f"{key}={text!r}: expected a positive size such as 1073741824, 512MiB, "
-                          f"8GiB or 1.5GB (units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        raise ConfigError(
+            f"{key}={text!r}: expected a positive size such as 1073741824, 512MiB, "
+            f"8GiB or 1.5GB (units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
     return int(float(m.group(1)) * _UNITS[unit])
 
 
@@ -82,6 +97,7 @@ def count_words_lines(data: bytes) -> tuple[int, int]:
 # Data
 # ---------------------------------------------------------------------------------------
 
+
 def eval_split(cfg, tokenizer, split: str, data: str | None = None):
     """``(tokens, bytes, documents, description)`` to evaluate: ``data`` (text in any input
     format, or a prepared directory) when given, else the checkpoint config's validation or
@@ -91,6 +107,7 @@ def eval_split(cfg, tokenizer, split: str, data: str | None = None):
 
     from mlalm.data import load_corpus, tokenize_path
     from mlalm.data.cache import default_cache_dir
+
     d = cfg.data
     common = dict(cache_dir=d.cache_dir or default_cache_dir(), text_key=d.text_key)
     if data is not None:
@@ -98,8 +115,9 @@ def eval_split(cfg, tokenizer, split: str, data: str | None = None):
         return s.tokens, s.bytes, s.documents, data
     if split == "test":
         if not d.test_path:
-            raise DataError("the checkpoint's config has no data.test_path; give --data PATH "
-                            "to evaluate a test file")
+            raise DataError(
+                "the checkpoint's config has no data.test_path; give --data PATH to evaluate a test file"
+            )
         s = tokenize_path(d.test_path, tokenizer, key="data.test_path", **common)
         return s.tokens, s.bytes, s.documents, d.test_path
     if split != "valid":
@@ -108,14 +126,17 @@ def eval_split(cfg, tokenizer, split: str, data: str | None = None):
         corpus = load_corpus(dataclasses.replace(d, test_path=None), tokenizer=tokenizer)
     except DataError as e:
         raise DataError(f"{e} (from the checkpoint's config; give --data PATH instead)") from None
-    where = d.val_path or f"validation part (data.val_fraction={d.val_fraction:g}) of " \
-                          f"{d.path or 'the built-in corpus'}"
+    where = (
+        d.val_path
+        or f"validation part (data.val_fraction={d.val_fraction:g}) of {d.path or 'the built-in corpus'}"
+    )
     return corpus.val, corpus.val_bytes, corpus.val_documents, where
 
 
 # ---------------------------------------------------------------------------------------
 # Quality
 # ---------------------------------------------------------------------------------------
+
 
 def window_batches(stream: np.ndarray, *, seq_len: int, batch_size: int, max_batches: int = 0):
     """Batches over ``stream`` (x_0 .. x_N) in the scheme of the module docstring.
@@ -127,22 +148,33 @@ def window_batches(stream: np.ndarray, *, seq_len: int, batch_size: int, max_bat
     T, N = seq_len, len(stream) - 1
     starts = list(range(0, N, T))
     if max_batches:
-        starts = starts[:max_batches * batch_size]
+        starts = starts[: max_batches * batch_size]
     for i in range(0, len(starts), batch_size):
         x = np.zeros((batch_size, T), np.int32)
         y = np.zeros((batch_size, T), np.int32)
         w = np.zeros((batch_size, T), np.float32)
-        for r, s in enumerate(starts[i:i + batch_size]):
+        for r, s in enumerate(starts[i : i + batch_size]):
             n = min(T, N - s)  # targets x_{s+1} .. x_{s+n}
-            x[r, :n] = stream[s:s + n]
-            y[r, :n] = stream[s + 1:s + n + 1]
+            x[r, :n] = stream[s : s + n]
+            y[r, :n] = stream[s + 1 : s + n + 1]
             w[r, :n] = 1.0
         yield x, y, w
 
 
-def score(eval_step, params, rest, tokens: np.ndarray, *, eos_id: int, seq_len: int,
-          batch_size: int, max_batches: int = 0, placement=None, progress=None,
-          stop=None) -> tuple[float, int]:
+def score(
+    eval_step,
+    params,
+    rest,
+    tokens: np.ndarray,
+    *,
+    eos_id: int,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int = 0,
+    placement=None,
+    progress=None,
+    stop=None,
+) -> tuple[float, int]:
     """(Σ NLL in nats, number of scored tokens) of ``tokens`` (a split, 1-D) preceded by
     ``eos_id``, in the window scheme of the module docstring.  The one scoring path: the
     trainer's validation and ``eval.py`` both call it.
@@ -162,8 +194,9 @@ def score(eval_step, params, rest, tokens: np.ndarray, *, eos_id: int, seq_len: 
     if max_batches:
         total = min(total, max_batches)
     nll, scored = 0.0, 0
-    for i, (x, y, w) in enumerate(window_batches(stream, seq_len=seq_len, batch_size=batch_size,
-                                                 max_batches=max_batches)):
+    for i, (x, y, w) in enumerate(
+        window_batches(stream, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches)
+    ):
         scored += int(w.sum())
         if placement is not None:
             x, y, w = (placement.global_rows(a) for a in (x, y, w))
@@ -183,39 +216,72 @@ def scored_bytes(tokens: np.ndarray, n: int, tokenizer, split_bytes: int) -> int
     return sum(len(p) for p in spelled_documents(tokens[:n], tokenizer))
 
 
-def quality(model, cfg, tokenizer, tokens, n_bytes: int, *, seq_len: int, batch_size: int,
-            max_batches: int = 0, progress=None) -> dict:
+def quality(
+    model,
+    cfg,
+    tokenizer,
+    tokens,
+    n_bytes: int,
+    *,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int = 0,
+    progress=None,
+) -> dict:
     """Perplexity, bits per byte and word perplexity of a split (``tokens`` 1-D, the UTF-8
     ``n_bytes`` of its text)."""
     from mlalm.train.state import split_model
     from mlalm.train.step import make_eval_step
+
     _, params, rest = split_model(model)
-    nll, n = score(make_eval_step(cfg), params, rest, tokens, eos_id=tokenizer.eos_id,
-                   seq_len=seq_len, batch_size=batch_size, max_batches=max_batches,
-                   progress=progress)
+    nll, n = score(
+        make_eval_step(cfg),
+        params,
+        rest,
+        tokens,
+        eos_id=tokenizer.eos_id,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        max_batches=max_batches,
+        progress=progress,
+    )
     pieces = spelled_documents(tokens[:n], tokenizer)  # the text the scored tokens spell
     spelled = sum(len(p) for p in pieces)
     if n == len(tokens) and spelled != n_bytes:
-        raise DataError(f"the tokenizer does not reproduce the text byte for byte ({spelled} bytes "
-                        f"from its tokens, {n_bytes} in the files): bits per byte would be wrong")
+        raise DataError(
+            f"the tokenizer does not reproduce the text byte for byte ({spelled} bytes "
+            f"from its tokens, {n_bytes} in the files): bits per byte would be wrong"
+        )
     words = lines = 0
     for p in pieces:
         w, l = count_words_lines(p)
         words, lines = words + w, lines + l
-    return {"tokens": n, "split_tokens": int(len(tokens)), "whole_split": n == len(tokens),
-            "nll_sum": nll, "loss": nll / n, "perplexity": math.exp(min(nll / n, 700)),
-            "bytes": spelled, "bits_per_byte": nll / math.log(2) / max(spelled, 1),
-            "words": words, "lines": lines,
-            "word_perplexity": math.exp(min(nll / max(words + lines, 1), 700)),
-            "seq_len": seq_len, "windows": -(-n // seq_len), "window_scheme": WINDOW_SCHEME}
+    return {
+        "tokens": n,
+        "split_tokens": int(len(tokens)),
+        "whole_split": n == len(tokens),
+        "nll_sum": nll,
+        "loss": nll / n,
+        "perplexity": math.exp(min(nll / n, 700)),
+        "bytes": spelled,
+        "bits_per_byte": nll / math.log(2) / max(spelled, 1),
+        "words": words,
+        "lines": lines,
+        "word_perplexity": math.exp(min(nll / max(words + lines, 1), 700)),
+        "seq_len": seq_len,
+        "windows": -(-n // seq_len),
+        "window_scheme": WINDOW_SCHEME,
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------
 
-def kv_cache_report(model, cfg, *, batch: int, context: int, budget_bytes: int,
-                    budget_batch: int = 1) -> dict:
+
+def kv_cache_report(
+    model, cfg, *, batch: int, context: int, budget_bytes: int, budget_batch: int = 1
+) -> dict:
     """Formula and allocated KV-cache sizes, and the longest context a budget holds.
 
     ``measured_bytes_per_token`` is ``cache_bytes(init_cache(model, batch, context))``
@@ -224,6 +290,7 @@ def kv_cache_report(model, cfg, *, batch: int, context: int, budget_bytes: int,
     """
     from mlalm.generate import cache_bytes, init_cache
     from mlalm.model import kv_cache_bytes_per_token_per_layer
+
     L = cfg.model.n_layers
     per_layer = kv_cache_bytes_per_token_per_layer(cfg)
     naive_per_layer = kv_cache_bytes_per_token_per_layer(cfg, absorbed=False)
@@ -231,32 +298,52 @@ def kv_cache_report(model, cfg, *, batch: int, context: int, budget_bytes: int,
     naive = cache_bytes(jax.eval_shape(lambda: init_cache(model, batch, context, absorbed=False)))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    return {"kind": cfg.attention.kind, "dtype": cfg.model.dtype, "n_layers": L,
-            "bytes_per_token_per_layer": per_layer, "bytes_per_token": per_layer * L,
-            "measured_bytes": measured, "measured_batch": batch, "measured_context": context,
-            "measured_bytes_per_token": measured / (batch * context),
-            "agrees": measured == per_layer * L * batch * context,
-            "naive_bytes_per_token": naive_per_layer * L,
-            "naive_measured_bytes_per_token": naive / (batch * context),
-            "memory_budget": budget_bytes, "budget_batch": budget_batch,
-            "max_context_for_budget": max_context(budget_bytes, per_layer * L, budget_batch),
-            "budget_counts": "KV cache only (parameters and activations not subtracted)",
-            "params": int(n_params), "param_bytes": int(param_bytes)}
+    return {
+        "kind": cfg.attention.kind,
+        "dtype": cfg.model.dtype,
+        "n_layers": L,
+        "bytes_per_token_per_layer": per_layer,
+        "bytes_per_token": per_layer * L,
+        "measured_bytes": measured,
+        "measured_batch": batch,
+        "measured_context": context,
+        "measured_bytes_per_token": measured / (batch * context),
+        "agrees": measured == per_layer * L * batch * context,
+        "naive_bytes_per_token": naive_per_layer * L,
+        "naive_measured_bytes_per_token": naive / (batch * context),
+        "memory_budget": budget_bytes,
+        "budget_batch": budget_batch,
+        "max_context_for_budget": max_context(budget_bytes, per_layer * L, budget_batch),
+        "budget_counts": "KV cache only (parameters and activations not subtracted)",
+        "params": int(n_params),
+        "param_bytes": int(param_bytes),
+    }
 
 
 # ---------------------------------------------------------------------------------------
 # The whole evaluation
 # ---------------------------------------------------------------------------------------
 
+
 def _step_of(ckpt_dir: str):
     from mlalm.checkpoint import read_meta
+
     return read_meta(ckpt_dir).get("step")
 
 
-def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None = None,
-                        batch_size: int | None = None, max_batches: int = 0,
-                        decode_batch: int = 8, decode_context: int | None = None,
-                        memory_budget: int = 2**30, decode: bool = True, log=None) -> dict:
+def evaluate_checkpoint(
+    path: str,
+    *,
+    data: str | None = None,
+    split: str | None = None,
+    batch_size: int | None = None,
+    max_batches: int = 0,
+    decode_batch: int = 8,
+    decode_context: int | None = None,
+    memory_budget: int = 2**30,
+    decode: bool = True,
+    log=None,
+) -> dict:
     """Everything ``eval.py`` reports, as one JSON-ready dict (see the module docstring).
 
     Args:
@@ -272,47 +359,76 @@ def evaluate_checkpoint(path: str, *, data: str | None = None, split: str | None
         CheckpointError, DataError, ConfigError: with a one-line message.
     """
     from mlalm.checkpoint import find_checkpoint
-    from mlalm.inference import load_for_inference
     from mlalm.errors import CheckpointError
+    from mlalm.inference import load_for_inference
+
     log = log or (lambda text, transient=False: None)
-    for name, v in (("--batch-size", batch_size), ("--decode-batch", decode_batch),
-                    ("--decode-context", decode_context)):
+    for name, v in (
+        ("--batch-size", batch_size),
+        ("--decode-batch", decode_batch),
+        ("--decode-context", decode_context),
+    ):
         if v is not None and v < 1:
             raise ConfigError(f"{name}={v}: must be >= 1")
     if max_batches < 0:
         raise ConfigError(f"--max-batches={max_batches}: must be >= 0 (0: the whole split)")
     ckpt_dir = find_checkpoint(path)
     model, cfg, tokenizer = load_for_inference(ckpt_dir)  # dropless MoE routing
+    assert cfg.model.vocab_size is not None  # the model was built, so its vocab_size is set
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise CheckpointError(f"{ckpt_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the "
-                              f"model's model.vocab_size is {cfg.model.vocab_size}")
+        raise CheckpointError(
+            f"{ckpt_dir}: the tokenizer has {tokenizer.vocab_size} tokens, the "
+            f"model's model.vocab_size is {cfg.model.vocab_size}"
+        )
     label = split or ("data" if data else "valid")
     tokens, n_bytes, documents, where = eval_split(cfg, tokenizer, split or "valid", data)
     T, B = cfg.train.seq_len, batch_size or cfg.train.batch_size
     t0 = time.perf_counter()
 
     def progress(done, total):
-        log(f"eval {label}: batch {done}/{total} ({time.perf_counter() - t0:.0f}s)",
-            transient=done < total)
+        log(f"eval {label}: batch {done}/{total} ({time.perf_counter() - t0:.0f}s)", transient=done < total)
 
-    report = {"checkpoint": os.path.abspath(ckpt_dir), "step": _step_of(ckpt_dir), "split": label,
-              "data": where, "documents": documents, "tokenizer": tokenizer.name, "batch_size": B}
-    report.update(quality(model, cfg, tokenizer, tokens, n_bytes, seq_len=T, batch_size=B,
-                          max_batches=max_batches, progress=progress))
+    report = {
+        "checkpoint": os.path.abspath(ckpt_dir),
+        "step": _step_of(ckpt_dir),
+        "split": label,
+        "data": where,
+        "documents": documents,
+        "tokenizer": tokenizer.name,
+        "batch_size": B,
+    }
+    report.update(
+        quality(
+            model,
+            cfg,
+            tokenizer,
+            tokens,
+            n_bytes,
+            seq_len=T,
+            batch_size=B,
+            max_batches=max_batches,
+            progress=progress,
+        )
+    )
     report["eval_seconds"] = time.perf_counter() - t0
     N = decode_context or min(1024, cfg.model.max_seq_len)
-    report["kv_cache"] = kv_cache_report(model, cfg, batch=decode_batch, context=N,
-                                         budget_bytes=memory_budget)
+    report["kv_cache"] = kv_cache_report(
+        model, cfg, batch=decode_batch, context=N, budget_bytes=memory_budget
+    )
     if not report["kv_cache"]["agrees"]:
-        log(f"warning: the allocated KV cache ({report['kv_cache']['measured_bytes_per_token']:g} "
-            f"bytes/token) differs from the formula ({report['kv_cache']['bytes_per_token']} bytes/token)")
+        log(
+            f"warning: the allocated KV cache ({report['kv_cache']['measured_bytes_per_token']:g} "
+            f"bytes/token) differs from the formula ({report['kv_cache']['bytes_per_token']} bytes/token)"
+        )
     report["decode"] = None
     if decode:
         log(f"decode: batch {decode_batch}, context {N} ...")
         from mlalm.generate import measure_decode
+
         d = measure_decode(model, batch=decode_batch, context=N)
-        report["decode"] = {k: d[k] for k in ("tokens_per_s", "ms_per_step", "batch", "context",
-                                              "new_tokens", "absorbed")}
+        report["decode"] = {
+            k: d[k] for k in ("tokens_per_s", "ms_per_step", "batch", "context", "new_tokens", "absorbed")
+        }
     return report
 
 
@@ -324,6 +440,7 @@ def write_run_outputs(run_dir: str, report: dict) -> str:
     """``eval_<split>.json`` and TensorBoard scalars ``eval/<split>/...`` at the checkpoint's
     step in ``run_dir``; returns the JSON's path."""
     from tensorboardX import SummaryWriter
+
     split, step = report["split"], report["step"] or 0
     path = os.path.join(run_dir, f"eval_{split}.json")
     with open(path + ".tmp", "w") as f:
@@ -340,10 +457,11 @@ def write_run_outputs(run_dir: str, report: dict) -> str:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
             return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
         n /= 1024
+    return f"{n:,.2f} TiB"
 
 
 def format_table(r: dict) -> str:
@@ -353,32 +471,61 @@ def format_table(r: dict) -> str:
     cover = "whole split" if r["whole_split"] else f"first {r['tokens']:,} of {r['split_tokens']:,} tokens"
     rows = [
         ("checkpoint", f"{r['checkpoint']} (step {r['step'] if r['step'] is not None else '?'})"),
-        ("data", f"{r['split']}: {r['data']} ({r['documents']} document{'s' * (r['documents'] != 1)}, "
-                 f"{r['tokenizer']} tokenizer)"),
-        ("windows", f"{r['windows']:,} of T+1 = {r['seq_len'] + 1} tokens every T = {r['seq_len']} "
-                    f"after one end-of-text token: each token predicted once, from its window"),
+        (
+            "data",
+            f"{r['split']}: {r['data']} ({r['documents']} document{'s' * (r['documents'] != 1)}, "
+            f"{r['tokenizer']} tokenizer)",
+        ),
+        (
+            "windows",
+            f"{r['windows']:,} of T+1 = {r['seq_len'] + 1} tokens every T = {r['seq_len']} "
+            f"after one end-of-text token: each token predicted once, from its window",
+        ),
         ("tokens scored", f"{r['tokens']:,} ({cover})"),
         ("loss", f"{r['loss']:.4f} nats/token (NLL sum {r['nll_sum']:,.1f})"),
         ("perplexity", f"{r['perplexity']:.3f} (per token)"),
         ("bits per byte", f"{r['bits_per_byte']:.4f} ({r['bytes']:,} UTF-8 bytes)"),
-        ("word perplexity", f"{r['word_perplexity']:.2f} ({r['words']:,} words + {r['lines']:,} "
-                            f"end-of-lines; the standard figure for word-level text such as WikiText)"),
-        ("KV cache", f"{kind}, {kv['dtype']}: {kv['bytes_per_token_per_layer']:,} B/token/layer, "
-                     f"{kv['bytes_per_token']:,} B/token ({kv['n_layers']} layers, formula)"),
-        ("  allocated", f"{_size(kv['measured_bytes'])} at batch {kv['measured_batch']} x context "
-                        f"{kv['measured_context']:,} = {kv['measured_bytes_per_token']:,.0f} B/token "
-                        f"({'agrees with the formula' if kv['agrees'] else 'DIFFERS FROM THE FORMULA'})"),
+        (
+            "word perplexity",
+            f"{r['word_perplexity']:.2f} ({r['words']:,} words + {r['lines']:,} "
+            f"end-of-lines; the standard figure for word-level text such as WikiText)",
+        ),
+        (
+            "KV cache",
+            f"{kind}, {kv['dtype']}: {kv['bytes_per_token_per_layer']:,} B/token/layer, "
+            f"{kv['bytes_per_token']:,} B/token ({kv['n_layers']} layers, formula)",
+        ),
+        (
+            "  allocated",
+            f"{_size(kv['measured_bytes'])} at batch {kv['measured_batch']} x context "
+            f"{kv['measured_context']:,} = {kv['measured_bytes_per_token']:,.0f} B/token "
+            f"({'agrees with the formula' if kv['agrees'] else 'DIFFERS FROM THE FORMULA'})",
+        ),
     ]
     if kv["kind"] == "mla":
-        rows.append(("  naive (expanded)", f"{kv['naive_bytes_per_token']:,} B/token without absorption "
-                                           f"({kv['naive_bytes_per_token'] / kv['bytes_per_token']:.1f}x the latent)"))
-    rows.append((f"  fits {_size(kv['memory_budget'])}",
-                 f"{kv['max_context_for_budget']:,} tokens of context at batch {kv['budget_batch']} "
-                 f"(KV cache only; parameters ({_size(kv['param_bytes'])}) and activations "
-                 f"not subtracted)"))
+        rows.append(
+            (
+                "  naive (expanded)",
+                f"{kv['naive_bytes_per_token']:,} B/token without absorption "
+                f"({kv['naive_bytes_per_token'] / kv['bytes_per_token']:.1f}x the latent)",
+            )
+        )
+    rows.append(
+        (
+            f"  fits {_size(kv['memory_budget'])}",
+            f"{kv['max_context_for_budget']:,} tokens of context at batch {kv['budget_batch']} "
+            f"(KV cache only; parameters ({_size(kv['param_bytes'])}) and activations "
+            f"not subtracted)",
+        )
+    )
     if d:
-        rows.append(("decode", f"{d['tokens_per_s']:,.1f} tokens/s at batch {d['batch']}, context "
-                               f"{d['context']:,} ({d['ms_per_step']:.2f} ms/step, {d['new_tokens']} steps)"))
+        rows.append(
+            (
+                "decode",
+                f"{d['tokens_per_s']:,.1f} tokens/s at batch {d['batch']}, context "
+                f"{d['context']:,} ({d['ms_per_step']:.2f} ms/step, {d['new_tokens']} steps)",
+            )
+        )
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -396,4 +543,5 @@ def stderr_progress():
             sys.stderr.write(text + "\n")
             last[0] = now
         sys.stderr.flush()
+
     return log

@@ -46,8 +46,13 @@ def macs_per_token(cfg, seq_len: int) -> dict:
     m, a, e = cfg.model, cfg.attention, cfg.moe
     D, N, T = m.d_model, a.n_heads, seq_len
     if a.kind == "mla":
-        dn, dr, dv, R, Q = (a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim,
-                            a.kv_lora_rank, a.q_lora_rank)
+        dn, dr, dv, R, Q = (
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+            a.kv_lora_rank,
+            a.q_lora_rank,
+        )
         q = D * Q + Q * N * (dn + dr) if Q else D * N * (dn + dr)
         proj = q + D * (R + dr) + R * N * (dn + dv) + N * dv * D
         d_qk, d_v = dn + dr, dv
@@ -106,7 +111,7 @@ def traced_matmul_flops(fn, *args, **kwargs) -> int:
                 total += flops
             sub = []
             for v in eqn.params.values():
-                for x in (v if isinstance(v, (list, tuple)) else [v]):
+                for x in v if isinstance(v, (list, tuple)) else [v]:
                     inner = getattr(x, "jaxpr", x)
                     if hasattr(inner, "eqns"):
                         sub.append(walk(inner))
@@ -122,9 +127,18 @@ def traced_matmul_flops(fn, *args, **kwargs) -> int:
 # bf16 dense peaks (FLOP/s, no sparsity) of accelerators, by device_kind prefix; the first
 # matching prefix wins (so the PCIe H100 comes before the SXM one)
 # longer prefixes first: the first prefix that matches wins
-_ACCEL_PEAKS = {"NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
-                "NVIDIA GH200": 989e12, "NVIDIA A100": 312e12, "TPU v4": 275e12,
-                "TPU v5 lite": 197e12, "TPU v5": 459e12, "TPU v6": 918e12}
+_ACCEL_PEAKS = {
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA GH200": 989e12,
+    "NVIDIA A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6": 918e12,
+}
 
 
 def accelerator_peak(device_kind: str) -> float | None:
@@ -144,6 +158,7 @@ def matmul_rate(n: int = 4096, repeats: int = 5, dtype: str = "float32") -> dict
     """
     import jax
     import jax.numpy as jnp
+
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
     f = jax.jit(jnp.dot)
@@ -153,15 +168,22 @@ def matmul_rate(n: int = 4096, repeats: int = 5, dtype: str = "float32") -> dict
         t = time.perf_counter()
         f(a, b).block_until_ready()
         times.append(time.perf_counter() - t)
-    flops = 2.0 * n ** 3
-    return {"median": flops / statistics.median(times), "best": flops / min(times), "n": n,
-            "repeats": repeats, "dtype": dtype, "seconds": times}
+    flops = 2.0 * n**3
+    return {
+        "median": flops / statistics.median(times),
+        "best": flops / min(times),
+        "n": n,
+        "repeats": repeats,
+        "dtype": dtype,
+        "seconds": times,
+    }
 
 
 def peak_flops(n: int = 1024, repeats: int = 5) -> float:
     """Device peak in FLOP/s: the data-sheet bf16 figure for known accelerators; elsewhere
     (CPU) the median measured rate of an n×n float32 matmul (scripts/bench.py uses n=4096)."""
     import jax
+
     dev = jax.devices()[0]
     if dev.platform != "cpu":
         peak = accelerator_peak(dev.device_kind)

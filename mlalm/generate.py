@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -34,13 +34,12 @@ from flax import nnx
 from mlalm.errors import ConfigError, DataError
 from mlalm.utils import round_up
 
-
 # ---------------------------------------------------------------------------------------
 # The cache
 # ---------------------------------------------------------------------------------------
 
-def init_cache(model, batch_size: int, max_len: int, *, absorbed: bool = True,
-               dtype=None) -> dict:
+
+def init_cache(model, batch_size: int, max_len: int, *, absorbed: bool = True, dtype=None) -> dict:
     """An empty cache for ``batch_size`` sequences of up to ``max_len`` tokens.
 
     Args:
@@ -54,8 +53,10 @@ def init_cache(model, batch_size: int, max_len: int, *, absorbed: bool = True,
     if batch_size < 1 or max_len < 1:
         raise ConfigError(f"cache of batch_size={batch_size}, max_len={max_len}: both must be >= 1")
     dtype = model.dtype if dtype is None else dtype
-    return {"layers": model.init_cache_layers(batch_size, max_len, dtype, absorbed=absorbed),
-            "lengths": jnp.zeros((batch_size,), jnp.int32)}
+    return {
+        "layers": model.init_cache_layers(batch_size, max_len, dtype, absorbed=absorbed),
+        "lengths": jnp.zeros((batch_size,), jnp.int32),
+    }
 
 
 def cache_bytes(cache: dict) -> int:
@@ -66,6 +67,7 @@ def cache_bytes(cache: dict) -> int:
 # ---------------------------------------------------------------------------------------
 # Jitted steps
 # ---------------------------------------------------------------------------------------
+
 
 @functools.lru_cache(maxsize=16)
 def _programs(graphdef):
@@ -79,6 +81,7 @@ def _programs(graphdef):
     as a static argument: jax.jit would hash it on every call, i.e. every decode step
     (measured 0.15 ms for a 2-layer model on CPU).
     """
+
     @functools.partial(jax.jit, donate_argnums=1)
     def prefill(state, cache, tokens_BT, n_new_B):
         model = nnx.merge(graphdef, state)
@@ -134,6 +137,7 @@ def decode_step(model, cache: dict, tokens_B):
 # ---------------------------------------------------------------------------------------
 # Sampling (float32 throughout)
 # ---------------------------------------------------------------------------------------
+
 
 def filter_logits(logits_V, top_k=0, top_p=1.0):
     """Set to -inf every logit outside the top-k and outside the nucleus.
@@ -191,21 +195,32 @@ def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
     fit in the model's context, ``model.cfg.model.max_seq_len`` positions."""
     limit = model.cfg.model.max_seq_len
     if prompt_len + max_new_tokens > limit:
-        room = (f"use max_new_tokens <= {limit - prompt_len}" if prompt_len < limit
-                else "shorten the prompt")
-        raise ConfigError(f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = "
-                          f"{prompt_len + max_new_tokens} exceeds the model's max_seq_len={limit}: "
-                          f"{room}")
+        room = f"use max_new_tokens <= {limit - prompt_len}" if prompt_len < limit else "shorten the prompt"
+        raise ConfigError(
+            f"prompt of {prompt_len} tokens + max_new_tokens={max_new_tokens} = "
+            f"{prompt_len + max_new_tokens} exceeds the model's max_seq_len={limit}: "
+            f"{room}"
+        )
 
 
 # ---------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------
 
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
-             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-             absorbed: bool = True, eos_id: int | None = None,
-             on_token: Callable[[int, np.ndarray], None] | None = None) -> list[list[int]]:
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    absorbed: bool = True,
+    eos_id: int | None = None,
+    on_token: Callable[[int, np.ndarray], None] | None = None,
+) -> list[list[int]]:
     """Token ids in, token ids out: sample up to ``max_new_tokens`` ids after each prompt,
     all prompts in one batch.  For text use :func:`generate_text`, which encodes,
     calls this and decodes.
@@ -241,14 +256,13 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     T = round_up(max(lengths), 8)  # shape buckets: fewer recompilations across calls
     tokens_BT = np.zeros((B, T), np.int32)
     for b, p in enumerate(prompts):
-        tokens_BT[b, :len(p)] = p
+        tokens_BT[b, : len(p)] = p
     cache = init_cache(model, B, round_up(T + max_new_tokens, 64), absorbed=absorbed)
 
     prefill_fn, decode_fn, state = _split(model)
     knobs = (jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p))
     key = jax.random.key(seed)
-    logits, cache = prefill_fn(state, cache, jnp.asarray(tokens_BT),
-                               jnp.asarray(lengths, jnp.int32))
+    logits, cache = prefill_fn(state, cache, jnp.asarray(tokens_BT), jnp.asarray(lengths, jnp.int32))
     tok = sample(jax.random.fold_in(key, 0), logits, *knobs)
     out: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, bool)
@@ -268,8 +282,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
     return out
 
 
-def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, *,
-                  stream: Callable[[str], None] | None = None, **kw) -> list[str]:
+def generate_text(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    *,
+    stream: Callable[[str], None] | None = None,
+    **kw,
+) -> list[str]:
     """Strings in, strings out: encode each prompt with ``tokenizer``, :func:`generate`
     (which works on token ids), and decode the new ids; stops a row at ``tokenizer.eos_id``.
 
@@ -292,21 +313,23 @@ def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
     shown = [0]
 
     def on_token(step, tokens_B):
+        assert stream is not None  # on_token is passed to generate only with a stream
         t = int(tokens_B[0])
         if t < 0 or t == eos:
             return
         first.append(t)
         text = tokenizer.decode(first)
         if not text.endswith("\ufffd") and len(text) > shown[0]:  # not mid-character
-            stream(text[shown[0]:])
+            stream(text[shown[0] :])
             shown[0] = len(text)
 
-    new = generate(model, ids, max_new_tokens, eos_id=eos,
-                   on_token=on_token if stream is not None else None, **kw)
+    new = generate(
+        model, ids, max_new_tokens, eos_id=eos, on_token=on_token if stream is not None else None, **kw
+    )
     if stream is not None:  # flush what was held back (an incomplete last character)
         text = tokenizer.decode(first)
         if len(text) > shown[0]:
-            stream(text[shown[0]:])
+            stream(text[shown[0] :])
     return [tokenizer.decode([t for t in n if t != eos]) for n in new]
 
 
@@ -314,18 +337,20 @@ def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
 # Decode speed
 # ---------------------------------------------------------------------------------------
 
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _pattern(shape, dtype, salt):
     """Deterministic stand-in cache contents in [-1, 1] that vary along every axis
     (decode time does not depend on the values; jax.random would cost seconds of
     compilation on CPU)."""
-    x = sum(jax.lax.broadcasted_iota(jnp.float32, shape, d) * c
-            for d, c in zip(range(len(shape)), (0.61, 1.37, 2.03, 0.29, 0.83)))
+    x = sum(
+        jax.lax.broadcasted_iota(jnp.float32, shape, d) * c
+        for d, c in zip(range(len(shape)), (0.61, 1.37, 2.03, 0.29, 0.83))
+    )
     return jnp.sin(x + salt).astype(dtype)
 
 
-def measure_decode(model, *, batch: int, context: int, new_tokens: int = 32,
-                   absorbed: bool = True) -> dict:
+def measure_decode(model, *, batch: int, context: int, new_tokens: int = 32, absorbed: bool = True) -> dict:
     """Decode throughput with ``context`` tokens already cached in every row.
 
     The cache arrays are filled with made-up values (the speed does not depend on them)
@@ -341,13 +366,15 @@ def measure_decode(model, *, batch: int, context: int, new_tokens: int = 32,
          'bytes_per_token_per_layer'}.
     """
     if batch < 1 or context < 1 or new_tokens < 1:
-        raise ConfigError(f"measure_decode: batch={batch}, context={context}, "
-                          f"new_tokens={new_tokens}: each must be >= 1")
+        raise ConfigError(
+            f"measure_decode: batch={batch}, context={context}, new_tokens={new_tokens}: each must be >= 1"
+        )
     max_len = round_up(context + new_tokens + 1, 64)
     cache = init_cache(model, batch, max_len, absorbed=absorbed)
     for i, layer in enumerate(cache["layers"]):  # made-up contents, replaced one at a time
-        cache["layers"][i] = {name: _pattern(x.shape, x.dtype, 7 * i + j)
-                              for j, (name, x) in enumerate(sorted(layer.items()))}
+        cache["layers"][i] = {
+            name: _pattern(x.shape, x.dtype, 7 * i + j) for j, (name, x) in enumerate(sorted(layer.items()))
+        }
     cache["lengths"] = jnp.full((batch,), context, jnp.int32)
     key = jax.random.key(0)
     n_bytes = cache_bytes(cache)
@@ -367,10 +394,19 @@ def measure_decode(model, *, batch: int, context: int, new_tokens: int = 32,
     jax.block_until_ready((tok, cache))
     seconds = time.perf_counter() - t0
     cfg = model.cfg
-    return {"tokens_per_s": batch * new_tokens / seconds,
-            "ms_per_step": 1e3 * seconds / new_tokens, "seconds": seconds,
-            "batch": batch, "context": context, "new_tokens": new_tokens, "max_len": max_len,
-            "absorbed": bool(absorbed and cfg.attention.kind == "mla"),
-            "kind": cfg.attention.kind, "impl": cfg.attention.impl, "dtype": cfg.model.dtype,
-            "cache_bytes": n_bytes, "bytes_per_token": n_bytes / (batch * max_len),
-            "bytes_per_token_per_layer": n_bytes / (batch * max_len * cfg.model.n_layers)}
+    return {
+        "tokens_per_s": batch * new_tokens / seconds,
+        "ms_per_step": 1e3 * seconds / new_tokens,
+        "seconds": seconds,
+        "batch": batch,
+        "context": context,
+        "new_tokens": new_tokens,
+        "max_len": max_len,
+        "absorbed": bool(absorbed and cfg.attention.kind == "mla"),
+        "kind": cfg.attention.kind,
+        "impl": cfg.attention.impl,
+        "dtype": cfg.model.dtype,
+        "cache_bytes": n_bytes,
+        "bytes_per_token": n_bytes / (batch * max_len),
+        "bytes_per_token_per_layer": n_bytes / (batch * max_len * cfg.model.n_layers),
+    }

@@ -35,7 +35,6 @@ from flax import nnx
 from mlalm.config import Config, from_dict
 from mlalm.errors import CheckpointError, ConfigError
 
-
 # ---------------------------------------------------------------------------------------
 # config.json <-> Config
 # ---------------------------------------------------------------------------------------
@@ -63,42 +62,63 @@ def config_from_hf(hf: dict, base: Config | None = None) -> Config:
         raise ConfigError("config.json: attention_bias=true is not supported")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ConfigError(f"config.json: rope type {rope.get('rope_type', rope.get('type'))!r} "
-                          f"is not supported (default RoPE only)")
+        raise ConfigError(
+            f"config.json: rope type {rope.get('rope_type', rope.get('type'))!r} "
+            f"is not supported (default RoPE only)"
+        )
     # absent keys mean DeepSeek-V3's routing: transformers' DeepseekV3 always routes so
     scoring = hf.get("scoring_func") or "sigmoid"
     if scoring not in ("sigmoid", "softmax"):
         raise ConfigError(f"config.json: scoring_func {scoring!r} is not supported (valid: sigmoid, softmax)")
     topk_method = hf.get("topk_method") or "noaux_tc"
     if topk_method not in _TOPK_METHODS:
-        raise ConfigError(f"config.json: topk_method {topk_method!r} is not supported "
-                          f"(valid: {', '.join(_TOPK_METHODS)})")
+        raise ConfigError(
+            f"config.json: topk_method {topk_method!r} is not supported (valid: {', '.join(_TOPK_METHODS)})"
+        )
     if (hf.get("moe_layer_freq") or 1) != 1:
-        raise ConfigError(f"config.json: moe_layer_freq={hf['moe_layer_freq']} is not supported "
-                          f"(1: every layer after first_k_dense_replace is MoE)")
+        raise ConfigError(
+            f"config.json: moe_layer_freq={hf['moe_layer_freq']} is not supported "
+            f"(1: every layer after first_k_dense_replace is MoE)"
+        )
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     L = hf["num_hidden_layers"]
     first_dense = hf.get("first_k_dense_replace", 0) or 0
     moe = {}
     if first_dense < L:
         grouped = topk_method == "noaux_tc"  # greedy routing ignores groups
-        moe = dict(n_routed_experts=hf["n_routed_experts"], n_shared_experts=hf.get("n_shared_experts") or 0,
-                   top_k=hf["num_experts_per_tok"], expert_ffn_dim=hf["moe_intermediate_size"],
-                   first_k_dense_replace=first_dense, scoring=scoring,
-                   n_group=(hf.get("n_group") or 1) if grouped else 1,
-                   topk_group=(hf.get("topk_group") or 1) if grouped else 1,
-                   norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
-                   routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-                   dispatch="dropless")
+        moe = dict(
+            n_routed_experts=hf["n_routed_experts"],
+            n_shared_experts=hf.get("n_shared_experts") or 0,
+            top_k=hf["num_experts_per_tok"],
+            expert_ffn_dim=hf["moe_intermediate_size"],
+            first_k_dense_replace=first_dense,
+            scoring=scoring,
+            n_group=(hf.get("n_group") or 1) if grouped else 1,
+            topk_group=(hf.get("topk_group") or 1) if grouped else 1,
+            norm_topk_prob=bool(hf.get("norm_topk_prob", True)),
+            routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
+            dispatch="dropless",
+        )
     raw = {
-        "model": dict(vocab_size=hf["vocab_size"], d_model=hf["hidden_size"], n_layers=L,
-                      ffn_dim=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 4096),
-                      norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), rope_theta=float(theta)),
-        "attention": dict(kind="mla", n_heads=hf["num_attention_heads"],
-                          q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
-                          qk_nope_head_dim=hf["qk_nope_head_dim"], qk_rope_head_dim=hf["qk_rope_head_dim"],
-                          v_head_dim=hf["v_head_dim"]),
+        "model": dict(
+            vocab_size=hf["vocab_size"],
+            d_model=hf["hidden_size"],
+            n_layers=L,
+            ffn_dim=hf["intermediate_size"],
+            max_seq_len=hf.get("max_position_embeddings", 4096),
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            rope_theta=float(theta),
+        ),
+        "attention": dict(
+            kind="mla",
+            n_heads=hf["num_attention_heads"],
+            q_lora_rank=hf.get("q_lora_rank") or 0,
+            kv_lora_rank=hf["kv_lora_rank"],
+            qk_nope_head_dim=hf["qk_nope_head_dim"],
+            qk_rope_head_dim=hf["qk_rope_head_dim"],
+            v_head_dim=hf["v_head_dim"],
+        ),
         "moe": moe,
     }
     seq_len = (base or Config()).train.seq_len
@@ -106,8 +126,14 @@ def config_from_hf(hf: dict, base: Config | None = None) -> Config:
     return from_dict(raw, base)
 
 
-def config_to_hf(cfg: Config, *, routing_bias: bool = True, bos_token_id: int | None = None,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None) -> dict:
+def config_to_hf(
+    cfg: Config,
+    *,
+    routing_bias: bool = True,
+    bos_token_id: int | None = None,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> dict:
     """transformers ``config.json`` dict for ``cfg``; ConfigError if the format cannot say it.
 
     Args:
@@ -159,9 +185,15 @@ def config_to_hf(cfg: Config, *, routing_bias: bool = True, bos_token_id: int | 
     dense_only = e.n_routed_experts == 0
     if not dense_only and e.n_shared_experts == 0:
         raise ConfigError("moe.n_shared_experts=0: the DeepSeek-V3 format needs at least one shared expert")
-    for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
-                        ("pad_token_id", pad_token_id)):
-        if value is not None and not 0 <= value < m.vocab_size:
+    for name, value in (
+        ("bos_token_id", bos_token_id),
+        ("eos_token_id", eos_token_id),
+        ("pad_token_id", pad_token_id),
+    ):
+        if value is None:
+            continue
+        assert m.vocab_size is not None, f"{name}: model.vocab_size must be set to check token ids"
+        if not 0 <= value < m.vocab_size:
             raise ConfigError(f"{name}={value} is outside the vocabulary [0, {m.vocab_size})")
     return {
         "architectures": ["DeepseekV3ForCausalLM"],
@@ -229,6 +261,7 @@ def _topk_method(cfg: Config, routing_bias: bool) -> str:
 # Weight mapping: one table drives both directions
 # ---------------------------------------------------------------------------------------
 
+
 def _rope_perm(P: int) -> np.ndarray:
     """half-layout index j <- interleaved index perm[j]: [0, 2, 4, ..., 1, 3, 5, ...]."""
     return np.concatenate([np.arange(0, P, 2), np.arange(1, P, 2)])
@@ -251,8 +284,8 @@ def _mapping(cfg: Config, interleave: bool, *, routing_bias: bool = True):
     perm = _rope_perm(P) if interleave else np.arange(P)
     inv = np.argsort(perm)
     # a head's qk features: nope (kept) then rope (permuted)
-    q_in = np.concatenate([np.arange(dn), dn + perm])   # mlalm feature j <- hf feature q_in[j]
-    q_out = np.concatenate([np.arange(dn), dn + inv])   # hf feature j <- mlalm feature q_out[j]
+    q_in = np.concatenate([np.arange(dn), dn + perm])  # mlalm feature j <- hf feature q_in[j]
+    q_out = np.concatenate([np.arange(dn), dn + inv])  # hf feature j <- mlalm feature q_out[j]
     kva_in = np.concatenate([np.arange(R), R + perm])
     kva_out = np.concatenate([np.arange(R), R + inv])
 
@@ -261,6 +294,7 @@ def _mapping(cfg: Config, interleave: bool, *, routing_bias: bool = True):
 
     def linear(key, hf_shape, out_shape=None, rows_in=None, rows_out=None):
         """mlalm [in, *out] <-> hf [prod(out), in], optionally permuting the last out axis."""
+
         def to_hf(w):
             w = np.asarray(w)
             if rows_out is not None:
@@ -274,12 +308,15 @@ def _mapping(cfg: Config, interleave: bool, *, routing_bias: bool = True):
             if rows_in is not None:
                 w = w[..., rows_in]
             return w
+
         return to_hf, from_hf, fixed(key, hf_shape)
 
     def out_proj(key, in_shape):  # mlalm [*in, D] <-> hf [D, prod(in)]
-        return (lambda w: {key: np.asarray(w).reshape(-1, D).T},
-                lambda get: get(key).T.reshape(in_shape + (D,)),
-                fixed(key, (D, int(np.prod(in_shape)))))
+        return (
+            lambda w: {key: np.asarray(w).reshape(-1, D).T},
+            lambda get: get(key).T.reshape(in_shape + (D,)),
+            fixed(key, (D, int(np.prod(in_shape)))),
+        )
 
     def same(key, shape):
         return (lambda w: {key: np.asarray(w)}), (lambda get: get(key)), fixed(key, shape)
@@ -297,13 +334,22 @@ def _mapping(cfg: Config, interleave: bool, *, routing_bias: bool = True):
         if Q:
             yield at, "wq_a_DQ", *linear(p + "self_attn.q_a_proj.weight", (Q, D))
             yield at + ("q_norm",), "scale", *same(p + "self_attn.q_a_layernorm.weight", (Q,))
-            yield at, "wq_b_QNH", *linear(p + "self_attn.q_b_proj.weight", (N * (dn + P), Q),
-                                          (N, dn + P), q_in, q_out)
+            yield (
+                at,
+                "wq_b_QNH",
+                *linear(p + "self_attn.q_b_proj.weight", (N * (dn + P), Q), (N, dn + P), q_in, q_out),
+            )
         else:
-            yield at, "wq_DNH", *linear(p + "self_attn.q_proj.weight", (N * (dn + P), D),
-                                        (N, dn + P), q_in, q_out)
-        yield at, "wkv_a_DJ", *linear(p + "self_attn.kv_a_proj_with_mqa.weight", (R + P, D),
-                                      None, kva_in, kva_out)
+            yield (
+                at,
+                "wq_DNH",
+                *linear(p + "self_attn.q_proj.weight", (N * (dn + P), D), (N, dn + P), q_in, q_out),
+            )
+        yield (
+            at,
+            "wkv_a_DJ",
+            *linear(p + "self_attn.kv_a_proj_with_mqa.weight", (R + P, D), None, kva_in, kva_out),
+        )
         yield at + ("kv_norm",), "scale", *same(p + "self_attn.kv_a_layernorm.weight", (R,))
         yield at, "wkv_b_RNU", *linear(p + "self_attn.kv_b_proj.weight", (N * (dn + dv), R), (N, dn + dv))
         yield at, "wo_NGD", *out_proj(p + "self_attn.o_proj.weight", (N, dv))
@@ -316,12 +362,12 @@ def _mapping(cfg: Config, interleave: bool, *, routing_bias: bool = True):
             if routing_bias:
                 yield ff, "bias_E", *same(bias_key, (E,))
             else:
-                yield (ff, "bias_E", lambda w: {}, lambda get: np.zeros((E,), np.float32),
-                       lambda has: {})
+                yield (ff, "bias_E", lambda w: {}, lambda get: np.zeros((E,), np.float32), lambda has: {})
             yield from _expert_entries(ff, p + "mlp.experts.", E, D, F)
             if e.n_shared_experts:
-                yield from _swiglu_entries(ff + ("shared",), p + "mlp.shared_experts.",
-                                           F * e.n_shared_experts, D, linear, out_proj)
+                yield from _swiglu_entries(
+                    ff + ("shared",), p + "mlp.shared_experts.", F * e.n_shared_experts, D, linear, out_proj
+                )
         else:
             yield from _swiglu_entries(ff, p + "mlp.", m.ffn_dim, D, linear, out_proj)
 
@@ -335,10 +381,12 @@ def _swiglu_entries(path, prefix, F, D, linear, out_proj):
 
 def _expert_entries(path, prefix, E, D, F):
     """Per-expert keys out; per-expert or transformers' fused keys in."""
+
     def to_hf(name):
         def f(w):  # w: [E, in, out] -> E tensors [out, in]
             w = np.asarray(w)
             return {f"{prefix}{e}.{name}.weight": w[e].T for e in range(E)}
+
         return f
 
     def from_hf(name):
@@ -351,6 +399,7 @@ def _expert_entries(path, prefix, E, D, F):
             F_ = gate_up.shape[1] // 2
             part = gate_up[:, :F_] if name == "gate_proj" else gate_up[:, F_:]
             return np.swapaxes(part, 1, 2)
+
         return f
 
     def shapes(name):
@@ -362,6 +411,7 @@ def _expert_entries(path, prefix, E, D, F):
             if name == "down_proj":
                 return {prefix + "down_proj": (E, D, F)}
             return {prefix + "gate_up_proj": (E, 2 * F, D)}
+
         return f
 
     yield path, "w_gate_EDF", to_hf("gate_proj"), from_hf("gate_proj"), shapes("gate_proj")
@@ -382,11 +432,13 @@ def _module_at(model, path):
 # Public API
 # ---------------------------------------------------------------------------------------
 
+
 class _Tensors:
     """Lazy access to a directory's safetensors files, with clear errors."""
 
     def __init__(self, path: str):
         from safetensors import safe_open
+
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             with open(index) as f:
@@ -406,7 +458,7 @@ class _Tensors:
             try:
                 h = safe_open(full, framework="numpy")
             except Exception as e:  # noqa: BLE001 - report any unreadable file the same way
-                raise CheckpointError(f"{full}: not a readable safetensors file ({e})")
+                raise CheckpointError(f"{full}: not a readable safetensors file ({e})") from None
             self.handles[fname] = h
             for k in h.keys():
                 self.key_file[k] = fname
@@ -428,8 +480,9 @@ class _Tensors:
         return self.handles[self.key_file[key]].get_tensor(key)
 
 
-def check_shapes(tensors: _Tensors, cfg: Config, *, interleave: bool = True,
-                 routing_bias: bool = True) -> None:
+def check_shapes(
+    tensors: _Tensors, cfg: Config, *, interleave: bool = True, routing_bias: bool = True
+) -> None:
     """CheckpointError naming the first tensor whose header shape is not the one ``cfg``
     implies (or that is missing); reads the safetensors headers only."""
     for _, _, _, _, hf_shapes in _mapping(cfg, interleave, routing_bias=routing_bias):
@@ -438,7 +491,8 @@ def check_shapes(tensors: _Tensors, cfg: Config, *, interleave: bool = True,
             if found != tuple(expected):
                 raise CheckpointError(
                     f"{tensors.path}: tensor '{key}' has shape {list(found)} in "
-                    f"{tensors.key_file[key]}, config.json implies {list(expected)}")
+                    f"{tensors.key_file[key]}, config.json implies {list(expected)}"
+                )
 
 
 def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None = None):
@@ -456,6 +510,7 @@ def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None 
         (model, cfg)
     """
     from mlalm.model import Transformer
+
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{path}: no config.json (is this a transformers checkpoint directory?)")
@@ -475,8 +530,10 @@ def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None 
         var = getattr(_module_at(model, mpath), attr)
         value = np.asarray(from_hf(tensors), dtype=np.float32)
         if value.shape != var[...].shape:
-            raise CheckpointError(f"{path}: tensor for {'.'.join(map(str, mpath))}.{attr} has shape "
-                                  f"{value.shape}, the config implies {var[...].shape}")
+            raise CheckpointError(
+                f"{path}: tensor for {'.'.join(map(str, mpath))}.{attr} has shape "
+                f"{value.shape}, the config implies {var[...].shape}"
+            )
         var.set_value(jnp.asarray(value, dtype=var[...].dtype))
     return model, cfg
 
@@ -488,9 +545,16 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def save_pretrained(model, cfg: Config, path: str, *, dtype: str | None = None,
-                    eos_token_id: int | None = None, bos_token_id: int | None = None,
-                    pad_token_id: int | None = None) -> None:
+def save_pretrained(
+    model,
+    cfg: Config,
+    path: str,
+    *,
+    dtype: str | None = None,
+    eos_token_id: int | None = None,
+    bos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> None:
     """Write config.json + model.safetensors (+ generation_config.json) for transformers'
     DeepseekV3ForCausalLM and serving engines.
 
@@ -508,18 +572,32 @@ def save_pretrained(model, cfg: Config, path: str, *, dtype: str | None = None,
     ignores: a UserWarning says so.
     """
     from safetensors.numpy import save_file
+
     routing_bias = any(bool(np.any(np.asarray(moe.bias_E[...]) != 0)) for moe in model.moe_layers())
-    hf_cfg = config_to_hf(cfg, routing_bias=routing_bias, bos_token_id=bos_token_id,
-                          eos_token_id=eos_token_id, pad_token_id=pad_token_id)  # raises before writing
+    hf_cfg = config_to_hf(
+        cfg,
+        routing_bias=routing_bias,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )  # raises before writing
     if cfg.moe.n_routed_experts and cfg.moe.scoring == "softmax":
-        extra = (" SGLang applies sigmoid whenever topk_method=noaux_tc (this model has a non-zero "
-                 "routing bias)." if hf_cfg["topk_method"] == "noaux_tc" else "")
-        warnings.warn("moe.scoring=softmax: config.json says scoring_func=softmax, which vLLM, SGLang "
-                      "and llama.cpp read, but transformers' DeepseekV3ForCausalLM always routes with "
-                      "sigmoid and will not reproduce this model." + extra, UserWarning, stacklevel=2)
+        extra = (
+            " SGLang applies sigmoid whenever topk_method=noaux_tc (this model has a non-zero routing bias)."
+            if hf_cfg["topk_method"] == "noaux_tc"
+            else ""
+        )
+        warnings.warn(
+            "moe.scoring=softmax: config.json says scoring_func=softmax, which vLLM, SGLang "
+            "and llama.cpp read, but transformers' DeepseekV3ForCausalLM always routes with "
+            "sigmoid and will not reproduce this model." + extra,
+            UserWarning,
+            stacklevel=2,
+        )
     np_dtype = np.float32
     if (dtype or cfg.model.param_dtype) == "bfloat16":
         import ml_dtypes
+
         np_dtype = ml_dtypes.bfloat16
         hf_cfg["torch_dtype"] = hf_cfg["dtype"] = "bfloat16"
     else:
@@ -539,8 +617,15 @@ def save_pretrained(model, cfg: Config, path: str, *, dtype: str | None = None,
     os.replace(tmp, os.path.join(path, "model.safetensors"))
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf_cfg, f, indent=2)
-    ids = {k: v for k, v in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
-                             ("pad_token_id", pad_token_id)) if v is not None}
+    ids = {
+        k: v
+        for k, v in (
+            ("bos_token_id", bos_token_id),
+            ("eos_token_id", eos_token_id),
+            ("pad_token_id", pad_token_id),
+        )
+        if v is not None
+    }
     if ids:
         with open(os.path.join(path, "generation_config.json"), "w") as f:
             json.dump(ids, f, indent=2)

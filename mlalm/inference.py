@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -48,12 +50,15 @@ def tokenizer_for(ckpt_dir: str, cfg: Config):
     """The tokenizer a checkpoint was trained with: the tokenizer.json kept beside it (a
     BPE, pretrained or prepared directory's tokenizer), else byte-level."""
     from mlalm.data.tokenizers import get_tokenizer, load_tokenizer
+
     local = _local_tokenizer(ckpt_dir)
     if local:
         return load_tokenizer(local, eos_token=cfg.data.eos_token)
     if cfg.data.tokenizer != "byte":
-        raise CheckpointError(f"no tokenizer.json next to {ckpt_dir} or in its run directory "
-                              f"(the model was trained with data.tokenizer={cfg.data.tokenizer})")
+        raise CheckpointError(
+            f"no tokenizer.json next to {ckpt_dir} or in its run directory "
+            f"(the model was trained with data.tokenizer={cfg.data.tokenizer})"
+        )
     return get_tokenizer("byte")
 
 
@@ -61,6 +66,7 @@ def abstract_model(cfg: Config):
     """(graphdef, abstract params, abstract rest) of ``cfg``'s model, without allocating."""
     from mlalm.model import Transformer
     from mlalm.train.state import split_model
+
     return split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
 
 
@@ -82,27 +88,39 @@ def check_fits(item_dir: str, expected: dict) -> None:
     finally:
         absl.setLevel(level)
     meta = getattr(meta, "item_metadata", meta)
-    meta = getattr(meta, "tree", meta)
-    stored = {f"{top}/{_path_key(p)}": tuple(x.shape) for top in expected if top in meta
-              for p, x in jax.tree_util.tree_flatten_with_path(meta[top])[0]}
+    # the stored tree: a dict of the saved items (StepMetadata.item_metadata.tree)
+    tree = cast("Mapping[str, Any]", getattr(meta, "tree", meta))
+    stored = {
+        f"{top}/{_path_key(p)}": tuple(x.shape)
+        for top in expected
+        if top in tree
+        for p, x in jax.tree_util.tree_flatten_with_path(tree[top])[0]
+    }
     for top, tree in expected.items():
         for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
             key, need = f"{top}/{_path_key(p)}", tuple(x.shape)
             have = stored.pop(key, None)
             if have is None:
-                raise CheckpointError(f"{item_dir} does not fit its config: {key} (shape {need}) "
-                                      f"is not in the checkpoint")
+                raise CheckpointError(
+                    f"{item_dir} does not fit its config: {key} (shape {need}) is not in the checkpoint"
+                )
             if have != need:
-                raise CheckpointError(f"{item_dir} does not fit its config: {key} has shape {have} "
-                                      f"in the checkpoint, the config's model needs {need}")
+                raise CheckpointError(
+                    f"{item_dir} does not fit its config: {key} has shape {have} "
+                    f"in the checkpoint, the config's model needs {need}"
+                )
     if stored:
-        raise CheckpointError(f"{item_dir} does not fit its config: the checkpoint has "
-                              f"{sorted(stored)[0]}, which the config's model does not")
+        raise CheckpointError(
+            f"{item_dir} does not fit its config: the checkpoint has "
+            f"{sorted(stored)[0]}, which the config's model does not"
+        )
 
 
 def _cast_abstract(tree, dtype):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype if np.issubdtype(x.dtype, np.floating)
-                                                       else x.dtype), tree)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, dtype if np.issubdtype(x.dtype, np.floating) else x.dtype),
+        tree,
+    )
 
 
 def load_params(path: str, *, dtype: str | None = None, dispatch: str | None = "dropless"):
@@ -116,6 +134,7 @@ def load_params(path: str, *, dtype: str | None = None, dispatch: str | None = "
     """
     from mlalm.optim import build_optimizer
     from mlalm.train.state import abstract_state
+
     ckpt_dir = find_checkpoint(path)
     cfg = checkpoint_config(ckpt_dir)
     if dispatch:
@@ -134,8 +153,10 @@ def load_params(path: str, *, dtype: str | None = None, dispatch: str | None = "
     try:
         restored = ocp.StandardCheckpointer().restore(os.path.abspath(item_dir), abstract_arrays(target))
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"cannot restore {item_dir} into the model its config describes: "
-                              f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}") from None
+        raise CheckpointError(
+            f"cannot restore {item_dir} into the model its config describes: "
+            f"{str(e).splitlines()[0][:300] if str(e) else type(e).__name__}"
+        ) from None
     if isinstance(restored, dict):
         p, r = restored["params"], restored["rest"]
     else:
@@ -163,8 +184,16 @@ def export_params(path: str, out_dir: str, *, dtype: str = "float32") -> str:
     ck.save(os.path.join(os.path.abspath(out_dir), "params"), {"params": params, "rest": rest})
     ck.wait_until_finished()
     with open(os.path.join(out_dir, EXPORT_MARKER), "w") as f:
-        json.dump({"format": "mlalm-params", "dtype": dtype, "source": os.path.abspath(ckpt_dir),
-                   "config": cfg.to_dict()}, f, indent=2)
+        json.dump(
+            {
+                "format": "mlalm-params",
+                "dtype": dtype,
+                "source": os.path.abspath(ckpt_dir),
+                "config": cfg.to_dict(),
+            },
+            f,
+            indent=2,
+        )
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         f.write(to_yaml(cfg))
     tokenizer_for(ckpt_dir, cfg).save(out_dir)

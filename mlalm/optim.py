@@ -22,10 +22,11 @@ def _map_params(fn, tree):
     leaves another ``optax.partition`` branch owns) have no leaves and are kept as they
     are.  A leaf that is not a Variable raises TypeError naming its path.
     """
+
     def one(path, var):
         return fn(param_roles(var, f"parameter {jax.tree_util.keystr(path) or '(root)'}"), var)
-    return jax.tree_util.tree_map_with_path(one, tree,
-                                            is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def param_labels(params):
@@ -59,7 +60,8 @@ def make_schedule(o, steps: int) -> optax.Schedule:
     stable_end = max(warmup, steps - decay_steps)
     return optax.join_schedules(
         [warm, optax.constant_schedule(o.lr), optax.linear_schedule(o.lr, floor, decay_steps)],
-        [warmup, stable_end])
+        [warmup, stable_end],
+    )
 
 
 def muon_dimension_numbers(var) -> MuonDimensionNumbers:
@@ -77,16 +79,14 @@ def muon_dimension_numbers(var) -> MuonDimensionNumbers:
     """
     roles = param_roles(var)
     if roles.label != "hidden":
-        raise ValueError(f"a {roles.label!r} parameter is not a Muon matrix "
-                         f"(only 'hidden' ones are)")
+        raise ValueError(f"a {roles.label!r} parameter is not a Muon matrix (only 'hidden' ones are)")
     return MuonDimensionNumbers(reduction_axis=roles.fan_in, output_axis=roles.fan_out)
 
 
 def _muon_dims_tree(params):
     """The dimension numbers as optax wants them: a tree of ``params``'s structure down to
     the Param nodes, each holding its MuonDimensionNumbers in place of its array."""
-    return _map_params(lambda _, var: jax.tree.map(lambda _: muon_dimension_numbers(var), var),
-                       params)
+    return _map_params(lambda _, var: jax.tree.map(lambda _: muon_dimension_numbers(var), var), params)
 
 
 def scale_muon_update(mode: str) -> optax.GradientTransformation:
@@ -97,6 +97,7 @@ def scale_muon_update(mode: str) -> optax.GradientTransformation:
     original): sqrt(max(1, fan_out / fan_in)).  (optax has the same rule, but does not
     export it.)
     """
+
     def scale(roles, u):  # u: the update's Param node, with the parameter's roles
         fan_in = math.prod(u.shape[a] for a in roles.fan_in)
         fan_out = math.prod(u.shape[a] for a in roles.fan_out)
@@ -110,14 +111,15 @@ def scale_muon_update(mode: str) -> optax.GradientTransformation:
         del params
         return _map_params(scale, updates), state
 
-    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def optimizer_labels(cfg, params):
     """Which optax branch updates each leaf: 'muon' or 'adam'."""
     use_muon = cfg.optim.name == "muon"
-    return jax.tree.map(lambda label: "muon" if use_muon and label == "hidden" else "adam",
-                        param_labels(params))
+    return jax.tree.map(
+        lambda label: "muon" if use_muon and label == "hidden" else "adam", param_labels(params)
+    )
 
 
 def build_optimizer(cfg, steps: int):
@@ -141,8 +143,9 @@ def build_optimizer(cfg, steps: int):
 
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm > 0 else []
     if o.name == "adamw":
-        parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps,
-                                 weight_decay=o.weight_decay, mask=decay_mask))
+        parts.append(
+            optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask)
+        )
         return optax.chain(*parts), schedule
     adam_schedule = make_schedule(replace(o, lr=o.adam_lr), steps) if o.adam_lr else schedule
     # float32 explicitly: optax keeps the coefficients as a state leaf, which would be
@@ -150,13 +153,20 @@ def build_optimizer(cfg, steps: int):
     coeffs = jnp.asarray(o.ns_coeffs, jnp.float32)
     muon_wd = o.weight_decay if o.muon_weight_decay is None else o.muon_weight_decay
     muon = optax.chain(
-        scale_by_muon(ns_coeffs=coeffs, ns_steps=o.ns_steps, beta=o.muon_momentum, nesterov=True,
-                      weight_dimension_numbers=_muon_dims_tree),
+        scale_by_muon(
+            # optax annotates a tuple, and reads the coefficients with jnp.asarray
+            ns_coeffs=coeffs,  # pyright: ignore[reportArgumentType] - an array works too
+            ns_steps=o.ns_steps,
+            beta=o.muon_momentum,
+            nesterov=True,
+            weight_dimension_numbers=_muon_dims_tree,
+        ),
         scale_muon_update(o.muon_scale),
         optax.add_decayed_weights(muon_wd),
-        optax.scale_by_learning_rate(schedule))
-    adam = optax.adamw(adam_schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                       mask=decay_mask)
-    parts.append(optax.partition({"muon": muon, "adam": adam},
-                                 lambda params: optimizer_labels(cfg, params)))
+        optax.scale_by_learning_rate(schedule),
+    )
+    adam = optax.adamw(
+        adam_schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay, mask=decay_mask
+    )
+    parts.append(optax.partition({"muon": muon, "adam": adam}, lambda params: optimizer_labels(cfg, params)))
     return optax.chain(*parts), schedule

@@ -37,8 +37,12 @@ def _hlo_instructions(hlo_text: str) -> dict:
         op = re.search(r'op_name="([^"]*)"', line)
         kind = re.search(r"kind=(k\w+)", line)
         custom = "__ynn_fusion" in line or "__onednn" in line
-        out[m.group(1)] = (m.group(3), m.group(2), op.group(1) if op else "",
-                           "matmul-fusion" if custom else (kind.group(1) if kind else ""))
+        out[m.group(1)] = (
+            m.group(3),
+            m.group(2),
+            op.group(1) if op else "",
+            "matmul-fusion" if custom else (kind.group(1) if kind else ""),
+        )
     return out
 
 
@@ -55,7 +59,9 @@ def _part(tokens: set, k: str) -> str:
         return "norms"
     if "attention" in tokens:
         if "core" in tokens:
-            return "attention core: QK and PV products" if mm else "attention core: mask, softmax, block slices"
+            return (
+                "attention core: QK and PV products" if mm else "attention core: mask, softmax, block slices"
+            )
         if "rope" in tokens:
             return "attention: rope"
         return "attention projections" if mm else "attention: other elementwise (split, concat)"
@@ -98,6 +104,7 @@ def op_profile(compiled, args, donate: bool, calls: int) -> dict:
     (perfetto JSON; XLA:CPU records one event per executed thunk), grouped by phase
     (forward / backward / update), kind (matmul, elementwise, copy, ...) and model part."""
     import jax
+
     info = _hlo_instructions(compiled.as_text())
     args = list(args)
     tmp = tempfile.mkdtemp(prefix="mlalm-bench-trace-")
@@ -124,8 +131,12 @@ def op_profile(compiled, args, donate: bool, calls: int) -> dict:
             per_op[e["name"]] += e.get("dur", 0.0) * 1e-6 / calls
     if not per_op:
         return {"error": "no per-op events in the trace (this backend does not record them)"}
-    by = {"phase": collections.defaultdict(float), "kind": collections.defaultdict(float),
-          "part": collections.defaultdict(float), "phase_kind": collections.defaultdict(float)}
+    by = {
+        "phase": collections.defaultdict(float),
+        "kind": collections.defaultdict(float),
+        "part": collections.defaultdict(float),
+        "phase_kind": collections.defaultdict(float),
+    }
     rows = []
     for name, sec in per_op.items():
         opcode, shape, op_name, kind = info[name]
@@ -134,10 +145,24 @@ def op_profile(compiled, args, donate: bool, calls: int) -> dict:
         by["kind"][k] += sec
         by["part"][part] += sec
         by["phase_kind"][f"{phase} / {k}"] += sec
-        rows.append({"op": name, "s": sec, "kind": k, "phase": phase, "part": part,
-                     "shape": shape.split("{")[0][:60], "op_name": op_name[:90]})
+        rows.append(
+            {
+                "op": name,
+                "s": sec,
+                "kind": k,
+                "phase": phase,
+                "part": part,
+                "shape": shape.split("{")[0][:60],
+                "op_name": op_name[:90],
+            }
+        )
     rows.sort(key=lambda r: -r["s"])
-    return {"calls": calls, "wall_s_per_call": wall, "ops_s_per_call": sum(per_op.values()),
-            "n_ops": len(per_op), **{f"by_{k}": dict(sorted(v.items(), key=lambda x: -x[1]))
-                                     for k, v in by.items()},
-            "top_ops": rows[:25], **({"all_ops": rows} if os.environ.get("MLALM_BENCH_ALL_OPS") else {})}
+    return {
+        "calls": calls,
+        "wall_s_per_call": wall,
+        "ops_s_per_call": sum(per_op.values()),
+        "n_ops": len(per_op),
+        **{f"by_{k}": dict(sorted(v.items(), key=lambda x: -x[1])) for k, v in by.items()},
+        "top_ops": rows[:25],
+        **({"all_ops": rows} if os.environ.get("MLALM_BENCH_ALL_OPS") else {}),
+    }

@@ -24,7 +24,8 @@ import os
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from mlalm.errors import ConfigError
 
@@ -50,13 +51,15 @@ def mesh_shape(mesh_cfg, n_devices: int) -> tuple[int, ...]:
         if n_devices % known:
             raise ConfigError(
                 f"mesh: the fixed sizes multiply to {known}, which does not divide the "
-                f"{n_devices} devices; adjust mesh.data/fsdp/tensor/expert")
+                f"{n_devices} devices; adjust mesh.data/fsdp/tensor/expert"
+            )
         sizes[sizes.index(-1)] = n_devices // known
     if int(np.prod(sizes)) != n_devices:
         raise ConfigError(
             f"mesh: data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} x expert={sizes[3]} "
             f"= {int(np.prod(sizes))} devices, but {n_devices} are available; set one size to -1 "
-            f"for 'the rest'")
+            f"for 'the rest'"
+        )
     return tuple(sizes)
 
 
@@ -88,6 +91,7 @@ def tree_shardings(tree, mesh: Mesh):
     Works for parameters and for optimizer state alike, because optax's per-parameter
     moments keep the Param nodes (and their ``axes`` metadata) of the parameter tree.
     """
+
     def one(x):
         if isinstance(x, nnx.Variable):
             axes = x.get_metadata().get("axes")
@@ -96,12 +100,15 @@ def tree_shardings(tree, mesh: Mesh):
                 return x.replace(NamedSharding(mesh, logical_to_spec(axes, np.shape(value), mesh)))
             return x.replace(NamedSharding(mesh, P()))
         return NamedSharding(mesh, P())
+
     return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches [B, T+1]: the batch axis split over data x fsdp."""
-    return NamedSharding(mesh, logical_to_spec(("batch", None), (mesh.shape["data"] * mesh.shape["fsdp"], 1), mesh))
+    return NamedSharding(
+        mesh, logical_to_spec(("batch", None), (mesh.shape["data"] * mesh.shape["fsdp"], 1), mesh)
+    )
 
 
 def global_batch(local_batch: np.ndarray, sharding: NamedSharding, global_batch_size: int):
@@ -127,7 +134,8 @@ class Placement:
         if cfg.train.batch_size % (dp * cfg.train.grad_accum):
             raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} must be divisible by mesh data x fsdp "
-                f"({dp}) x train.grad_accum ({cfg.train.grad_accum})")
+                f"({dp}) x train.grad_accum ({cfg.train.grad_accum})"
+            )
         self.state_sh = tree_shardings(state, self.mesh)
         self.batch_sh = batch_sharding(self.mesh)
         self.repl = NamedSharding(self.mesh, P())
@@ -139,7 +147,7 @@ class Placement:
         """A global array from a host array holding every row (each process keeps its slice)."""
         n, p = jax.process_count(), jax.process_index()
         per = rows.shape[0] // n
-        return global_batch(rows[p * per:(p + 1) * per], self.batch_sh, rows.shape[0])
+        return global_batch(rows[p * per : (p + 1) * per], self.batch_sh, rows.shape[0])
 
 
 def to_host(x):
@@ -164,7 +172,9 @@ def maybe_initialize_distributed(mesh_cfg) -> None:
     if mesh_cfg.distributed == "auto":
         jax.distributed.initialize()
         return
-    pid = mesh_cfg.process_id if mesh_cfg.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
+    pid = (
+        mesh_cfg.process_id if mesh_cfg.process_id is not None else int(os.environ.get("JAX_PROCESS_ID", "0"))
+    )
     if not num:
         raise ConfigError("mesh.coordinator is set but mesh.num_processes (or JAX_NUM_PROCESSES) is not")
     # CPU devices of different processes talk through gloo (no effect on GPU/TPU)

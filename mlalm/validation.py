@@ -21,13 +21,32 @@ def _positive(cfg, keys: list[str]):
 def validate(cfg) -> None:
     """Raise ConfigError for values that cannot work together."""
     m, a, e, o, t = cfg.model, cfg.attention, cfg.moe, cfg.optim, cfg.train
-    _positive(cfg, ["model.vocab_size", "model.d_model", "model.n_layers", "model.ffn_dim",
-                    "model.max_seq_len", "model.norm_eps", "model.rope_theta",
-                    "attention.n_heads", "attention.head_dim", "train.steps",
-                    "train.batch_size", "train.seq_len", "train.grad_accum",
-                    "train.log_every", "train.eval_every", "optim.lr", "moe.expert_ffn_dim",
-                    "moe.n_group", "moe.topk_group", "moe.capacity_factor",
-                    "data.bpe_vocab_size"])
+    _positive(
+        cfg,
+        [
+            "model.vocab_size",
+            "model.d_model",
+            "model.n_layers",
+            "model.ffn_dim",
+            "model.max_seq_len",
+            "model.norm_eps",
+            "model.rope_theta",
+            "attention.n_heads",
+            "attention.head_dim",
+            "train.steps",
+            "train.batch_size",
+            "train.seq_len",
+            "train.grad_accum",
+            "train.log_every",
+            "train.eval_every",
+            "optim.lr",
+            "moe.expert_ffn_dim",
+            "moe.n_group",
+            "moe.topk_group",
+            "moe.capacity_factor",
+            "data.bpe_vocab_size",
+        ],
+    )
     if a.kind == "gqa":
         if a.n_kv_heads is None:
             raise ConfigError("attention.n_kv_heads must be set for attention.kind=gqa")
@@ -35,57 +54,67 @@ def validate(cfg) -> None:
             raise ConfigError(
                 f"attention.n_heads ({a.n_heads}) must be divisible by attention.n_kv_heads "
                 f"({a.n_kv_heads}); valid n_kv_heads: "
-                f"{[d for d in range(1, a.n_heads + 1) if a.n_heads % d == 0]}")
+                f"{[d for d in range(1, a.n_heads + 1) if a.n_heads % d == 0]}"
+            )
     elif a.n_kv_heads is not None and a.kind in ("mha", "mqa"):
         want = a.n_heads if a.kind == "mha" else 1
         if a.n_kv_heads != want:
             raise ConfigError(
                 f"attention.n_kv_heads={a.n_kv_heads} contradicts attention.kind={a.kind} "
-                f"(which has {want}); use kind=gqa or drop n_kv_heads")
+                f"(which has {want}); use kind=gqa or drop n_kv_heads"
+            )
     if a.kind in ("mha", "gqa", "mqa") and a.head_dim % 2:
         raise ConfigError(f"attention.head_dim must be even for rotary embeddings, got {a.head_dim}")
     if a.kind == "mla":
-        _positive(cfg, ["attention.kv_lora_rank", "attention.qk_rope_head_dim",
-                        "attention.v_head_dim"])
+        _positive(cfg, ["attention.kv_lora_rank", "attention.qk_rope_head_dim", "attention.v_head_dim"])
         if a.qk_nope_head_dim < 0 or a.q_lora_rank < 0:
             raise ConfigError("attention.qk_nope_head_dim and attention.q_lora_rank must be >= 0")
         if a.qk_rope_head_dim % 2:
             raise ConfigError(
-                f"attention.qk_rope_head_dim must be even for rotary embeddings, got {a.qk_rope_head_dim}")
+                f"attention.qk_rope_head_dim must be even for rotary embeddings, got {a.qk_rope_head_dim}"
+            )
     if e.n_routed_experts < 0 or e.n_shared_experts < 0:
         raise ConfigError("moe.n_routed_experts and moe.n_shared_experts must be >= 0")
     if e.n_routed_experts > 0:
         if not 1 <= e.top_k <= e.n_routed_experts:
             raise ConfigError(
-                f"moe.top_k={e.top_k} must be between 1 and moe.n_routed_experts={e.n_routed_experts}")
+                f"moe.top_k={e.top_k} must be between 1 and moe.n_routed_experts={e.n_routed_experts}"
+            )
         if e.n_routed_experts % e.n_group:
             raise ConfigError(
-                f"moe.n_routed_experts={e.n_routed_experts} must be divisible by moe.n_group={e.n_group}")
+                f"moe.n_routed_experts={e.n_routed_experts} must be divisible by moe.n_group={e.n_group}"
+            )
         if e.topk_group > e.n_group:
             raise ConfigError(f"moe.topk_group={e.topk_group} must be <= moe.n_group={e.n_group}")
         per_group = e.n_routed_experts // e.n_group
         if e.n_group > 1 and per_group < 2:
             raise ConfigError(
                 f"group-limited routing scores a group by its top-2 experts: moe.n_routed_experts/"
-                f"moe.n_group must be >= 2, got {per_group}")
+                f"moe.n_group must be >= 2, got {per_group}"
+            )
         if e.top_k > e.topk_group * per_group:
             raise ConfigError(
                 f"moe.top_k={e.top_k} exceeds the experts reachable in moe.topk_group="
-                f"{e.topk_group} groups of {per_group}")
+                f"{e.topk_group} groups of {per_group}"
+            )
         if e.scoring == "softmax" and e.n_group > 1:
             raise ConfigError("moe.n_group > 1 (group-limited routing) needs moe.scoring=sigmoid")
         if not 0 <= e.first_k_dense_replace <= m.n_layers:
             raise ConfigError(
-                f"moe.first_k_dense_replace={e.first_k_dense_replace} must be in [0, model.n_layers={m.n_layers}]")
+                f"moe.first_k_dense_replace={e.first_k_dense_replace} must be in "
+                f"[0, model.n_layers={m.n_layers}]"
+            )
     if e.bias_update_rate < 0 or e.seq_aux_loss_coef < 0:
         raise ConfigError("moe.bias_update_rate and moe.seq_aux_loss_coef must be >= 0")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(
             f"train.seq_len={t.seq_len} is above model.max_seq_len={m.max_seq_len}; "
-            f"lower train.seq_len or raise model.max_seq_len")
+            f"lower train.seq_len or raise model.max_seq_len"
+        )
     if t.batch_size % t.grad_accum:
         raise ConfigError(
-            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}"
+        )
     if not 0 <= o.warmup_steps:
         raise ConfigError("optim.warmup_steps must be >= 0")
     if not 0 <= o.min_lr_ratio <= 1:
@@ -108,8 +137,10 @@ def validate(cfg) -> None:
     if t.loss_chunk < 0:
         raise ConfigError(f"train.loss_chunk must be >= 0 (0: plain logits), got {t.loss_chunk}")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
-                          f"{cfg.checkpoint.every} and {cfg.checkpoint.keep}")
+        raise ConfigError(
+            f"checkpoint.every must be >= 0 and checkpoint.keep >= 1, got "
+            f"{cfg.checkpoint.every} and {cfg.checkpoint.keep}"
+        )
     if not t.resume:
         raise ConfigError("train.resume must be 'auto', 'never' or a checkpoint path")
     mesh = cfg.mesh
@@ -117,7 +148,8 @@ def validate(cfg) -> None:
     if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(
             f"mesh sizes must be positive with at most one -1 ('the rest'), got "
-            f"data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} expert={mesh.expert}")
+            f"data={mesh.data} fsdp={mesh.fsdp} tensor={mesh.tensor} expert={mesh.expert}"
+        )
 
 
 def _validate_data(cfg) -> None:
@@ -125,8 +157,9 @@ def _validate_data(cfg) -> None:
     if not 0 < d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     if d.tokenizer not in ("byte", "bpe") and not os.path.exists(d.tokenizer):
-        raise ConfigError(f"data.tokenizer: {d.tokenizer!r} is not 'byte', 'bpe' or the path of an "
-                          f"existing tokenizer.json")
+        raise ConfigError(
+            f"data.tokenizer: {d.tokenizer!r} is not 'byte', 'bpe' or the path of an existing tokenizer.json"
+        )
     if d.tokenizer == "bpe" and d.bpe_vocab_size < 260:
         raise ConfigError("data.bpe_vocab_size must be at least 260 (256 bytes + specials)")
     if d.eos_token is not None and not d.eos_token:
@@ -139,11 +172,11 @@ def _validate_data(cfg) -> None:
     if d.shard_mb < 1:
         raise ConfigError(f"data.shard_mb must be >= 1, got {d.shard_mb}")
     from mlalm.data.memory import parse_size  # no Grain or tokenizers import
+
     parse_size(d.max_memory, key="data.max_memory")
     if d.mix is not None:
         if d.path is not None:
-            raise ConfigError("data.mix and data.path exclude each other: list every source in "
-                              "data.mix")
+            raise ConfigError("data.mix and data.path exclude each other: list every source in data.mix")
         if not d.mix:
             raise ConfigError("data.mix is empty; expected [{path: DIR, weight: w}, ...] or null")
         for i, entry in enumerate(d.mix):
@@ -152,8 +185,7 @@ def _validate_data(cfg) -> None:
             if not isinstance(entry["path"], str) or not entry["path"]:
                 raise ConfigError(f"data.mix[{i}].path: expected a path, got {entry['path']!r}")
             w = entry["weight"]
-            if (isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
-                    or w <= 0):
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
                 raise ConfigError(f"data.mix[{i}].weight: expected a positive finite number, got {w!r}")
 
 
@@ -171,16 +203,18 @@ def _validate_muon(o) -> None:
     if not sets:
         raise ConfigError("optim.ns_coeffs is empty; expected [a, b, c] or a list of such triples")
     for triple in sets:
-        if (len(triple) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
-                                        and math.isfinite(x) for x in triple)):
+        if len(triple) != 3 or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in triple
+        ):
             raise ConfigError(f"optim.ns_coeffs: {list(triple)} is not three finite numbers [a, b, c]")
         a, b, c = triple
         # The iteration must map singular values in (0, 1] to positive values, else it
         # flips signs instead of orthogonalising.
-        worst = min(a * x + b * x ** 3 + c * x ** 5 for x in (i / 200 for i in range(1, 201)))
+        worst = min(a * x + b * x**3 + c * x**5 for x in (i / 200 for i in range(1, 201)))
         if a <= 0 or worst <= 0:
             raise ConfigError(
                 f"optim.ns_coeffs: {list(triple)} does not orthogonalise (p(x) = a x + b x^3 + c x^5 "
-                f"must be positive on (0, 1]; e.g. the default [3.4445, -4.775, 2.0315])")
+                f"must be positive on (0, 1]; e.g. the default [3.4445, -4.775, 2.0315])"
+            )
     if len(sets) > 1 and len(sets) < o.ns_steps:
         raise ConfigError(f"optim.ns_coeffs has {len(sets)} triples, fewer than optim.ns_steps={o.ns_steps}")

@@ -56,31 +56,54 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "bench.yaml"))
-    p.add_argument("--dense-config", default=os.path.join(ROOT, "configs", "bench_dense.yaml"),
-                   help="the dense model of equal active parameters (MoE overhead, dense MFU)")
+    p.add_argument(
+        "--dense-config",
+        default=os.path.join(ROOT, "configs", "bench_dense.yaml"),
+        help="the dense model of equal active parameters (MoE overhead, dense MFU)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps per workload (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run the mlalm / dense / reference workloads this many times, alternating, "
-                        "and keep each one's fastest round (for a shared, noisy machine)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the mlalm / dense / reference workloads this many times, alternating, "
+        "and keep each one's fastest round (for a shared, noisy machine)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object on stdout (progress on stderr)")
     p.add_argument("--skip-reference", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--profile", action="store_true", help="also break the mlalm step's time down")
-    p.add_argument("--reference-attn", default="sdpa", choices=["eager", "sdpa"],
-                   help="transformers attention implementation")
-    p.add_argument("--reference-experts", default="eager", choices=["eager", "grouped_mm", "default"],
-                   help="transformers experts implementation ('default': what transformers picks)")
+    p.add_argument(
+        "--reference-attn",
+        default="sdpa",
+        choices=["eager", "sdpa"],
+        help="transformers attention implementation",
+    )
+    p.add_argument(
+        "--reference-experts",
+        default="eager",
+        choices=["eager", "grouped_mm", "default"],
+        help="transformers experts implementation ('default': what transformers picks)",
+    )
     p.add_argument("--reference-adamw", default="fused", choices=["foreach", "fused"])
-    p.add_argument("--reference-sweep", action="store_true",
-                   help="time every attention x experts x AdamW implementation of the reference "
-                        "first (2 steps each) and use the fastest")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads for the reference (default: the CPUs XLA uses)")
+    p.add_argument(
+        "--reference-sweep",
+        action="store_true",
+        help="time every attention x experts x AdamW implementation of the reference "
+        "first (2 steps each) and use the fastest",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads for the reference (default: the CPUs XLA uses)",
+    )
     p.add_argument("--decode-batch", type=int, default=8)
     p.add_argument("--decode-contexts", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--decode-tokens", type=int, default=32)
@@ -98,41 +121,64 @@ def parse_args(argv=None):
 
 def run_bench(args) -> dict:
     from mlalm.config import load_config
+
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     cfg = load_config(args.config, args.overrides)
     dense_cfg = None if args.skip_dense else load_config(args.dense_config, args.overrides)
     config, dense_config = os.path.abspath(args.config), os.path.abspath(args.dense_config)
     base = {"steps": args.steps, "warmup": args.warmup}
-    out = {"machine": machine_info(), "config": os.path.relpath(config, ROOT),
-           "dense_config": None if dense_cfg is None else os.path.relpath(dense_config, ROOT),
-           "overrides": args.overrides, "steps": args.steps, "warmup": args.warmup,
-           "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len,
-           "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
-           "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])}
+    out = {
+        "machine": machine_info(),
+        "config": os.path.relpath(config, ROOT),
+        "dense_config": None if dense_cfg is None else os.path.relpath(dense_config, ROOT),
+        "overrides": args.overrides,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "tokens_per_step": cfg.train.batch_size * cfg.train.seq_len,
+        "command": " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:]),
+    }
 
     peak_spec = {"n": args.peak_n, "repeats": args.peak_repeats}
     peaks = [run_worker("peak", peak_spec, "peak (start)")]
-    out["machine"].update(backend=peaks[0].get("backend"), device_kind=peaks[0].get("device_kind"),
-                          xla_cpu_threads=peaks[0].get("xla_cpu_threads"))
+    out["machine"].update(
+        backend=peaks[0].get("backend"),
+        device_kind=peaks[0].get("device_kind"),
+        xla_cpu_threads=peaks[0].get("xla_cpu_threads"),
+    )
 
     # the training workloads to compare, run in turn (--rounds times, alternating)
     jobs = [("mlalm", "train", {**base, "config": config, "overrides": args.overrides}, "mlalm train step")]
     if dense_cfg is not None:
-        jobs.append(("dense", "train", {**base, "config": dense_config, "overrides": args.overrides},
-                     "mlalm dense train step"))
+        jobs.append(
+            (
+                "dense",
+                "train",
+                {**base, "config": dense_config, "overrides": args.overrides},
+                "mlalm dense train step",
+            )
+        )
     if not args.skip_reference:
         try:
-            rspec = reference.make_spec(cfg, threads=args.threads or n_cpus(), attn=args.reference_attn,
-                                   experts=args.reference_experts, adamw=args.reference_adamw,
-                                   matmul_n=args.peak_n, **base)
+            rspec = reference.make_spec(
+                cfg,
+                threads=args.threads or n_cpus(),
+                attn=args.reference_attn,
+                experts=args.reference_experts,
+                adamw=args.reference_adamw,
+                matmul_n=args.peak_n,
+                **base,
+            )
         except ConfigError as e:  # a config the transformers format cannot express
             out["reference"] = {"skipped": str(e)}
             rspec = None
         if rspec is not None:
             if args.reference_sweep:
-                sweep = run_worker("reference_sweep", {**rspec, "steps": 2, "warmup": 1},
-                                   "reference implementation sweep")
+                sweep = run_worker(
+                    "reference_sweep", {**rspec, "steps": 2, "warmup": 1}, "reference implementation sweep"
+                )
                 out["reference_sweep"] = sweep
                 if sweep.get("best"):
                     best = sweep["best"]
@@ -147,9 +193,17 @@ def run_bench(args) -> dict:
     report.combine(out, peaks, runs)
 
     if not args.skip_decode:
-        dec = run_worker("decode", {"config": config, "overrides": args.overrides,
-                                    "batch": args.decode_batch, "contexts": args.decode_contexts,
-                                    "new_tokens": args.decode_tokens}, "decode")
+        dec = run_worker(
+            "decode",
+            {
+                "config": config,
+                "overrides": args.overrides,
+                "batch": args.decode_batch,
+                "contexts": args.decode_contexts,
+                "new_tokens": args.decode_tokens,
+            },
+            "decode",
+        )
         out["decode_details"] = dec
         if "runs" in dec:
             out.update(decode.summary(dec))
@@ -158,9 +212,11 @@ def run_bench(args) -> dict:
             log(f"decode skipped: {dec.get('skipped') or dec.get('error')}")
 
     if args.profile:
-        out["profile"] = run_worker("profile", {"config": config, "overrides": args.overrides,
-                                                "steps": args.steps, "warmup": 1},
-                                    "profile of the mlalm step")
+        out["profile"] = run_worker(
+            "profile",
+            {"config": config, "overrides": args.overrides, "steps": args.steps, "warmup": 1},
+            "profile of the mlalm step",
+        )
     out["loadavg_start"] = [round(x, 2) for x in load_start]
     out["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     out["bench_wall_s"] = time.perf_counter() - t_start

@@ -19,10 +19,16 @@ import time
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                    "configs", "default.yaml"))
+    p.add_argument(
+        "--config",
+        default=os.path.join(
+            os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "default.yaml"
+        ),
+    )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--vocab", type=int, default=257, help="vocabulary size when the config leaves it to the tokenizer")
+    p.add_argument(
+        "--vocab", type=int, default=257, help="vocabulary size when the config leaves it to the tokenizer"
+    )
     args = p.parse_args(argv)
 
     import grain
@@ -41,8 +47,11 @@ def main(argv=None) -> int:
     _, target = abstract_state(cfg, tx)  # what a resume restores into
     # fresh moments are zeros, which compress to nothing; fill them as training would
     rng = np.random.default_rng(0)
-    fill = lambda x: jnp.asarray(rng.normal(size=x.shape) * 1e-3, x.dtype) \
-        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim else x  # noqa: E731
+    fill = lambda x: (
+        jnp.asarray(rng.normal(size=x.shape) * 1e-3, x.dtype)
+        if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim
+        else x
+    )  # noqa: E731
     state = state.replace(opt_state=jax.tree.map(fill, state.opt_state))
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
@@ -70,7 +79,10 @@ def main(argv=None) -> int:
             ck.close()
         step_dir = os.path.join(tmp, "s0", "1")
         size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(step_dir) for f in fs)
-    print(f"config {args.config}: {n_params / 1e6:.2f}M parameters, train state {state_bytes / 1e6:.1f} MB in memory")
+    print(
+        f"config {args.config}: {n_params / 1e6:.2f}M parameters, "
+        f"train state {state_bytes / 1e6:.1f} MB in memory"
+    )
     print(f"checkpoint on disk: {size / 1e6:.1f} MB")
     for k, v in times.items():
         print(f"{k:>15}: {statistics.median(v):.3f} s (median of {len(v)})")

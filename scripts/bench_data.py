@@ -41,6 +41,7 @@ sys.path.insert(0, ROOT)
 
 def make_corpus(source: str, path: str, size: int, seed: int = 0) -> dict:
     import numpy as np
+
     with open(source, encoding="utf-8") as f:
         lines = [ln for ln in f.read().split("\n") if ln.strip()]
     rng = np.random.default_rng(seed)
@@ -66,12 +67,14 @@ class TreeRSS:
 
     def __init__(self, pid: int):
         import psutil
+
         self.proc, self.peak, self._stop = psutil.Process(pid), 0, threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
 
     def _poll(self):
         import psutil
+
         while not self._stop.is_set():
             total = 0
             try:
@@ -142,6 +145,7 @@ def ceiling(corpus: str, tokenizer_json: str | None, limit: int = 50 * 10**6) ->
     out = {"sample_bytes": n, "json_parse_utf8_MBps": n / parse / 1e6}
     if tokenizer_json:
         from mlalm.data.tokenizers import load_tokenizer
+
         tok = load_tokenizer(tokenizer_json)
         strs = [t.decode() for t in texts]
         t0 = time.perf_counter()
@@ -156,6 +160,7 @@ def ceiling(corpus: str, tokenizer_json: str | None, limit: int = 50 * 10**6) ->
 def grain_throughput(directory: str, seq_len: int, batch: int, seconds: float = 10.0) -> dict:
     from mlalm.data.pipeline import train_dataset
     from mlalm.data.shards import PreparedData
+
     stream = PreparedData.open(directory, verify="size").split("train").tokens
     it = iter(train_dataset(stream, seq_len=seq_len, batch_size=batch, seed=0))
     next(it)
@@ -170,13 +175,27 @@ def train_start(data_path: str | None, work: str, cache: str, name: str) -> dict
     """``python train.py`` (configs/default.yaml's model, compilation cache off) on
     ``data_path`` (None: the built-in corpus): seconds from process start to the first
     step's log line, and the peak RSS of the process tree until then."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "train.steps=2", "train.log_every=1",
-           "train.progress=false", "train.compile_cache=false", "checkpoint.every=0",
-           f"train.run_dir={os.path.join(work, 'runs')}", f"train.name={name}", "train.resume=never",
-           f"data.cache_dir={cache}"] + ([f"data.path={data_path}"] if data_path else [])
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        "train.steps=2",
+        "train.log_every=1",
+        "train.progress=false",
+        "train.compile_cache=false",
+        "checkpoint.every=0",
+        f"train.run_dir={os.path.join(work, 'runs')}",
+        f"train.name={name}",
+        "train.resume=never",
+        f"data.cache_dir={cache}",
+    ] + ([f"data.path={data_path}"] if data_path else [])
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
     rss = TreeRSS(p.pid)
     lines = []
     for line in p.stdout:
@@ -198,8 +217,11 @@ def bench_size(size: int, args, work: str) -> dict:
     t0 = time.perf_counter()
     res["corpus"] = make_corpus(args.source, corpus, size)
     res["corpus"]["write_s"] = time.perf_counter() - t0
-    print(f"[{size / 1e9:g} GB] corpus: {res['corpus']['documents']:,} documents, "
-          f"{res['corpus']['bytes'] / 1e9:.2f} GB in {res['corpus']['write_s']:.0f}s", flush=True)
+    print(
+        f"[{size / 1e9:g} GB] corpus: {res['corpus']['documents']:,} documents, "
+        f"{res['corpus']['bytes'] / 1e9:.2f} GB in {res['corpus']['write_s']:.0f}s",
+        flush=True,
+    )
     cache = os.path.join(work, "cache")
     if "byte" in args.tokenizers:
         r = run_measured(load_corpus_child(corpus, cache, args.max_memory, args.workers, args.seq_len))
@@ -207,21 +229,40 @@ def bench_size(size: int, args, work: str) -> dict:
         r["MBps"] = res["corpus"]["bytes"] / r["wall_s"] / 1e6
         r.pop("stderr")
         res["prepare_byte"] = r
-        print(f"  prepare byte: {r['wall_s']:.1f}s, {r['MBps']:.1f} MB/s, peak RSS "
-              f"{r['peak_rss_bytes'] / 2**30:.2f} GiB", flush=True)
+        print(
+            f"  prepare byte: {r['wall_s']:.1f}s, {r['MBps']:.1f} MB/s, peak RSS "
+            f"{r['peak_rss_bytes'] / 2**30:.2f} GiB",
+            flush=True,
+        )
         r = run_measured(load_corpus_child(corpus, cache, args.max_memory, args.workers, args.seq_len))
         r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
         r.pop("stderr")
         res["second_start_byte"] = r
-        print(f"  second start (cache hit): first batch after {r['first_batch_s']:.2f}s, peak RSS "
-              f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+        print(
+            f"  second start (cache hit): first batch after {r['first_batch_s']:.2f}s, peak RSS "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
         entry = os.path.join(cache, "prepared", os.listdir(os.path.join(cache, "prepared"))[0])
         res["grain_byte"] = [grain_throughput(entry, t, b) for t, b in ((args.seq_len, 16), (1024, 8))]
     bpe_dir = os.path.join(work, "bpe")
     if "bpe" in args.tokenizers:
-        cmd = [sys.executable, os.path.join(ROOT, "scripts", "prepare.py"), corpus, "--out", bpe_dir,
-               "--tokenizer", "bpe", "--bpe-vocab-size", str(args.bpe_vocab_size), "--quiet",
-               "--max-memory", args.max_memory, "--workers", str(args.workers)]
+        cmd = [
+            sys.executable,
+            os.path.join(ROOT, "scripts", "prepare.py"),
+            corpus,
+            "--out",
+            bpe_dir,
+            "--tokenizer",
+            "bpe",
+            "--bpe-vocab-size",
+            str(args.bpe_vocab_size),
+            "--quiet",
+            "--max-memory",
+            args.max_memory,
+            "--workers",
+            str(args.workers),
+        ]
         r = run_measured(cmd)
         r.pop("stdout"), r.pop("stderr")
         with open(os.path.join(bpe_dir, "manifest.json")) as f:
@@ -232,18 +273,25 @@ def bench_size(size: int, args, work: str) -> dict:
         r["encode_MBps"] = res["corpus"]["bytes"] / (r["wall_s"] - r["bpe_train_s"]) / 1e6
         r["tokens"] = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
         res["prepare_bpe"] = r
-        print(f"  prepare bpe: {r['wall_s']:.1f}s ({r['bpe_train_s']:.0f}s BPE training on "
-              f"{r['bpe_sampled_bytes'] / 1e6:.0f} MB), {r['MBps']:.1f} MB/s overall, "
-              f"{r['encode_MBps']:.1f} MB/s encoding, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
-              flush=True)
+        print(
+            f"  prepare bpe: {r['wall_s']:.1f}s ({r['bpe_train_s']:.0f}s BPE training on "
+            f"{r['bpe_sampled_bytes'] / 1e6:.0f} MB), {r['MBps']:.1f} MB/s overall, "
+            f"{r['encode_MBps']:.1f} MB/s encoding, peak RSS {r['peak_rss_bytes'] / 2**30:.2f} GiB",
+            flush=True,
+        )
         r = run_measured(load_corpus_child(bpe_dir, cache, args.max_memory, args.workers, args.seq_len))
         r.update(json.loads(r.pop("stdout").strip().splitlines()[-1]))
         r.pop("stderr")
         res["open_prepared_bpe"] = r
-        print(f"  open prepared dir: first batch after {r['first_batch_s']:.2f}s, peak RSS "
-              f"{r['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+        print(
+            f"  open prepared dir: first batch after {r['first_batch_s']:.2f}s, peak RSS "
+            f"{r['peak_rss_bytes'] / 2**20:.0f} MiB",
+            flush=True,
+        )
         res["grain_bpe"] = [grain_throughput(bpe_dir, t, b) for t, b in ((args.seq_len, 16), (1024, 8))]
-    res["ceiling"] = ceiling(corpus, os.path.join(bpe_dir, "tokenizer.json") if "bpe" in args.tokenizers else None)
+    res["ceiling"] = ceiling(
+        corpus, os.path.join(bpe_dir, "tokenizer.json") if "bpe" in args.tokenizers else None
+    )
     if args.train_start:  # train.py to its first step: this corpus vs the built-in one
         builtin_cache = os.path.join(work, "builtin-cache")
         train_start(None, work, builtin_cache, "warm")  # prepares the built-in corpus once
@@ -253,8 +301,11 @@ def bench_size(size: int, args, work: str) -> dict:
         if "bpe" in args.tokenizers:
             res["train_start"]["prepared_bpe"] = train_start(bpe_dir, work, cache, "bpe")
         for k, x in res["train_start"].items():
-            print(f"  train.py to its first step, {k}: {x['first_step_s']:.1f}s, peak RSS "
-                  f"{x['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+            print(
+                f"  train.py to its first step, {k}: {x['first_step_s']:.1f}s, peak RSS "
+                f"{x['peak_rss_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
     return res
 
 
@@ -265,60 +316,127 @@ def table(results: list[dict]) -> str:
         for key, what in (("prepare_byte", "prepare, byte"), ("prepare_bpe", "prepare, bpe")):
             if key in r:
                 x = r[key]
-                note = (f"BPE trained {x['bpe_train_s']:.0f}s on {x['bpe_sampled_bytes'] / 1e6:.0f} MB; "
-                        f"encoding {x['encode_MBps']:.1f} MB/s" if key == "prepare_bpe" else
-                        f"{x['train_tokens'] + x['val_tokens']:,} tokens")
-                rows.append((size, what, f"{x['wall_s']:.1f}s", f"{x['MBps']:.1f}",
-                             f"{x['peak_rss_bytes'] / 2**30:.2f} GiB", note))
-        for key, what in (("second_start_byte", "2nd start, raw path"), ("open_prepared_bpe", "open prepared dir")):
+                note = (
+                    f"BPE trained {x['bpe_train_s']:.0f}s on {x['bpe_sampled_bytes'] / 1e6:.0f} MB; "
+                    f"encoding {x['encode_MBps']:.1f} MB/s"
+                    if key == "prepare_bpe"
+                    else f"{x['train_tokens'] + x['val_tokens']:,} tokens"
+                )
+                rows.append(
+                    (
+                        size,
+                        what,
+                        f"{x['wall_s']:.1f}s",
+                        f"{x['MBps']:.1f}",
+                        f"{x['peak_rss_bytes'] / 2**30:.2f} GiB",
+                        note,
+                    )
+                )
+        for key, what in (
+            ("second_start_byte", "2nd start, raw path"),
+            ("open_prepared_bpe", "open prepared dir"),
+        ):
             if key in r:
                 x = r[key]
-                rows.append((size, what, f"{x['first_batch_s']:.2f}s", "", f"{x['peak_rss_bytes'] / 2**20:.0f} MiB",
-                             "time to the first training batch"))
+                rows.append(
+                    (
+                        size,
+                        what,
+                        f"{x['first_batch_s']:.2f}s",
+                        "",
+                        f"{x['peak_rss_bytes'] / 2**20:.0f} MiB",
+                        "time to the first training batch",
+                    )
+                )
         c = r["ceiling"]
-        rows.append((size, "ceiling, 1 process", "", f"{c['json_parse_utf8_MBps']:.0f}", "",
-                     "json.loads + UTF-8 encode"))
+        rows.append(
+            (
+                size,
+                "ceiling, 1 process",
+                "",
+                f"{c['json_parse_utf8_MBps']:.0f}",
+                "",
+                "json.loads + UTF-8 encode",
+            )
+        )
         if "encode_batch_MBps" in c:
-            rows.append((size, "ceiling, 1 process", "", f"{c['encode_batch_MBps']:.1f}", "",
-                         f"tokenizers encode_batch (encode_batch_fast {c['encode_batch_fast_MBps']:.1f})"))
+            rows.append(
+                (
+                    size,
+                    "ceiling, 1 process",
+                    "",
+                    f"{c['encode_batch_MBps']:.1f}",
+                    "",
+                    f"tokenizers encode_batch (encode_batch_fast {c['encode_batch_fast_MBps']:.1f})",
+                )
+            )
         for k, x in r.get("train_start", {}).items():
-            rows.append((size, f"train.py, {k}", f"{x['first_step_s']:.1f}s", "",
-                         f"{x['peak_rss_bytes'] / 2**20:.0f} MiB", "process start to the first step"))
+            rows.append(
+                (
+                    size,
+                    f"train.py, {k}",
+                    f"{x['first_step_s']:.1f}s",
+                    "",
+                    f"{x['peak_rss_bytes'] / 2**20:.0f} MiB",
+                    "process start to the first step",
+                )
+            )
         for key in ("grain_byte", "grain_bpe"):
             for g in r.get(key, []):
-                rows.append((size, f"grain, {key[6:]}", "", "", "",
-                             f"T={g['seq_len']} B={g['batch']}: {g['tokens_per_s'] / 1e6:.2f} M tokens/s "
-                             f"({g['vs_1M']:.1f}x 1M)"))
+                rows.append(
+                    (
+                        size,
+                        f"grain, {key[6:]}",
+                        "",
+                        "",
+                        "",
+                        f"T={g['seq_len']} B={g['batch']}: {g['tokens_per_s'] / 1e6:.2f} M tokens/s "
+                        f"({g['vs_1M']:.1f}x 1M)",
+                    )
+                )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows)
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     p.add_argument("--sizes", default="1GB,4GB")
     p.add_argument("--tokenizers", default="byte,bpe")
     p.add_argument("--source", default=os.path.join(ROOT, "..", "shared", "data", "wikitext-2", "train.txt"))
-    p.add_argument("--workdir", default=None, help="where the temporary directory goes (default: system temp)")
+    p.add_argument(
+        "--workdir", default=None, help="where the temporary directory goes (default: system temp)"
+    )
     p.add_argument("--max-memory", default="2GB")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--bpe-vocab-size", type=int, default=8192)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    p.add_argument("--train-start", action="store_true",
-                   help="also time python train.py from process start to its first step on this "
-                        "corpus and on the built-in one (default model, compilation cache off)")
+    p.add_argument(
+        "--train-start",
+        action="store_true",
+        help="also time python train.py from process start to its first step on this "
+        "corpus and on the built-in one (default model, compilation cache off)",
+    )
     args = p.parse_args(argv)
     from mlalm.data.memory import parse_size
+
     args.tokenizers = args.tokenizers.split(",")
     sizes = [parse_size(s, key="--sizes") for s in args.sizes.split(",")]
     results = []
-    meta = {"date": time.strftime("%Y-%m-%d"), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-            "max_memory": args.max_memory}
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "max_memory": args.max_memory,
+    }
     try:
         import psutil
+
         meta["ram_bytes"] = psutil.virtual_memory().total
     except ImportError:
         pass

@@ -84,7 +84,11 @@ def run_one(args, cell: dict, seed: int, lr: str | None, out: str) -> dict:
         head, extras = _split_value(v)
         overrides += [f"{k}={head}"] + extras
     overrides += [
-        f"train.seed={seed}", f"train.run_dir={run_dir}", f"train.name={name}", "train.progress=false"]
+        f"train.seed={seed}",
+        f"train.run_dir={run_dir}",
+        f"train.name={name}",
+        "train.progress=false",
+    ]
     if lr is not None:
         overrides.append(f"optim.lr={lr}")
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
@@ -117,16 +121,24 @@ def read_run(path: str) -> dict:
     from mlalm.config import load_config
     from mlalm.flops import flops_per_token
     from mlalm.model import kv_cache_bytes_per_token_per_layer
+
     cfg = load_config(os.path.join(path, "config.yaml"))
-    rows = [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))] \
-        if os.path.isfile(os.path.join(path, "metrics.jsonl")) else []
+    rows = (
+        [json.loads(line) for line in open(os.path.join(path, "metrics.jsonl"))]
+        if os.path.isfile(os.path.join(path, "metrics.jsonl"))
+        else []
+    )
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-    curve = [(r["step"] * tokens_per_step, r.get("elapsed_s", 0.0), r["val_loss"])
-             for r in rows if "val_loss" in r]
+    curve = [
+        (r["step"] * tokens_per_step, r.get("elapsed_s", 0.0), r["val_loss"]) for r in rows if "val_loss" in r
+    ]
     summary_path = os.path.join(path, "summary.json")
-    out = {"curve": curve, "tokens_per_step": tokens_per_step,
-           "flops_per_token": flops_per_token(cfg, cfg.train.seq_len),
-           "kv_cache_bytes_per_token": kv_cache_bytes_per_token_per_layer(cfg) * cfg.model.n_layers}
+    out = {
+        "curve": curve,
+        "tokens_per_step": tokens_per_step,
+        "flops_per_token": flops_per_token(cfg, cfg.train.seq_len),
+        "kv_cache_bytes_per_token": kv_cache_bytes_per_token_per_layer(cfg) * cfg.model.n_layers,
+    }
     mem = os.path.join(path, "peak_memory.json")
     if os.path.isfile(mem):
         out["peak_memory_bytes"] = json.load(open(mem))["max_rss_bytes"]
@@ -135,14 +147,22 @@ def read_run(path: str) -> dict:
         return out
     out.update(read_eval(path))
     s = json.load(open(summary_path))
-    out.update(status="ok", final_val_loss=s["val_loss"], final_val_ppl=s["val_perplexity"],
-               tokens_per_s=s["tokens_per_s"], tokens=cfg.train.steps * tokens_per_step)
+    out.update(
+        status="ok",
+        final_val_loss=s["val_loss"],
+        final_val_ppl=s["val_perplexity"],
+        tokens_per_s=s["tokens_per_s"],
+        tokens=cfg.train.steps * tokens_per_step,
+    )
     return out
 
 
 EVAL_SPLITS = ("valid", "test")
-EVAL_FIGURES = (("perplexity", "perplexity (eval)"), ("bits_per_byte", "bits/byte"),
-                ("word_perplexity", "word perplexity"))
+EVAL_FIGURES = (
+    ("perplexity", "perplexity (eval)"),
+    ("bits_per_byte", "bits/byte"),
+    ("word_perplexity", "word perplexity"),
+)
 
 
 def read_eval(path: str) -> dict:
@@ -189,9 +209,20 @@ def write_outputs(rows, keys, out, target):
         r["target_loss"] = t
         r["tokens_to_target"] = reach
         r["flops_to_target"] = reach * r["flops_per_token"] if reach is not None else None
-    fields = keys + ["seed", "lr", "best_lr", "status", "final_val_loss", "final_val_ppl", "target_loss",
-                     "tokens_to_target", "flops_to_target", "tokens_per_s", "peak_memory_bytes",
-                     "kv_cache_bytes_per_token"]
+    fields = keys + [
+        "seed",
+        "lr",
+        "best_lr",
+        "status",
+        "final_val_loss",
+        "final_val_ppl",
+        "target_loss",
+        "tokens_to_target",
+        "flops_to_target",
+        "tokens_per_s",
+        "peak_memory_bytes",
+        "kv_cache_bytes_per_token",
+    ]
     fields += [f"eval_{sp}_{k}" for sp in EVAL_SPLITS for k, _ in EVAL_FIGURES]
     fields += ["kv_cache_measured_bytes_per_token", "run"]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
@@ -209,14 +240,21 @@ def write_outputs(rows, keys, out, target):
         return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
 
     # eval.py's figures, for the splits some run has an eval_<split>.json for
-    extra = [(f"eval_{sp}_{k}", f"{sp} {label}") for sp in EVAL_SPLITS
-             if any(f"eval_{sp}_perplexity" in r for r in rows) for k, label in EVAL_FIGURES]
+    extra = [
+        (f"eval_{sp}_{k}", f"{sp} {label}")
+        for sp in EVAL_SPLITS
+        if any(f"eval_{sp}_perplexity" in r for r in rows)
+        for k, label in EVAL_FIGURES
+    ]
     if extra:
         extra.append(("kv_cache_measured_bytes_per_token", "KV bytes/token measured"))
-    lines = ["| " + " | ".join(keys) + " | lr | seeds | final val loss | perplexity | "
-             f"tokens to reach {'target' if target else 'reference'} loss | tokens/s | KV bytes/token | "
-             + "".join(f"{label} | " for _, label in extra) + "diverged |",
-             "|" + "---|" * (len(keys) + 8 + len(extra))]
+    lines = [
+        "| " + " | ".join(keys) + " | lr | seeds | final val loss | perplexity | "
+        f"tokens to reach {'target' if target else 'reference'} loss | tokens/s | KV bytes/token | "
+        + "".join(f"{label} | " for _, label in extra)
+        + "diverged |",
+        "|" + "---|" * (len(keys) + 8 + len(extra)),
+    ]
     # The reference cell reaches its own mean final loss at its full budget (by definition);
     # every other cell: mean over its seeds of the interpolated tokens, when all reach it.
     ref_ok = [r for r in cells.get(ref_key, []) if r.get("status") == "ok"]
@@ -230,38 +268,56 @@ def write_outputs(rows, keys, out, target):
         ratio = f" ({mean_reach / ref_tokens:.2f}×)" if mean_reach and ref_tokens else ""
         reached = f"{mean_reach:,.0f}{ratio}" if mean_reach else f"not reached ({len(reach)}/{len(ok)} seeds)"
         tps = [r["tokens_per_s"] for r in ok if r.get("tokens_per_s")]
-        lines.append("| " + " | ".join(map(str, key)) + f" | {rs[0]['lr'] or 'config'} | {len(rs)} | "
-                     f"{ms([r.get('final_val_loss') for r in ok])} | {ms([r.get('final_val_ppl') for r in ok])} | "
-                     f"{reached} | {f'{statistics.mean(tps):,.0f}' if tps else '—'} | "
-                     f"{rs[0].get('kv_cache_bytes_per_token', '—')} | "
-                     + "".join(f"{ms([r.get(k) for r in ok])} | " for k, _ in extra)
-                     + f"{len(rs) - len(ok)} |")
+        lines.append(
+            "| " + " | ".join(map(str, key)) + f" | {rs[0]['lr'] or 'config'} | {len(rs)} | "
+            f"{ms([r.get('final_val_loss') for r in ok])} | {ms([r.get('final_val_ppl') for r in ok])} | "
+            f"{reached} | {f'{statistics.mean(tps):,.0f}' if tps else '—'} | "
+            f"{rs[0].get('kv_cache_bytes_per_token', '—')} | "
+            + "".join(f"{ms([r.get(k) for r in ok])} | " for k, _ in extra)
+            + f"{len(rs) - len(ok)} |"
+        )
     t = target if target is not None else ref_target
-    header = [f"# Comparison ({time.strftime('%Y-%m-%d')})", "",
-              f"Target loss: {t:.4f} ({'given' if target else 'the first cell' + chr(39) + 's mean final validation loss'})."
-              if t is not None else "No target loss (the reference cell did not finish).", ""]
+    header = [
+        f"# Comparison ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Target loss: {t:.4f} "
+        f"({'given' if target else 'the first cell' + chr(39) + 's mean final validation loss'})."
+        if t is not None
+        else "No target loss (the reference cell did not finish).",
+        "",
+    ]
     sweep = [r for r in rows if not r.get("best_lr", True) or r.get("swept")]
     if sweep:
-        header += ["Learning-rate sweep (first seed):", "",
-                   "| " + " | ".join(keys) + " | lr | final val loss | status |", "|" + "---|" * (len(keys) + 3)]
+        header += [
+            "Learning-rate sweep (first seed):",
+            "",
+            "| " + " | ".join(keys) + " | lr | final val loss | status |",
+            "|" + "---|" * (len(keys) + 3),
+        ]
         for r in rows:
             if r.get("swept"):
                 loss = r.get("final_val_loss")
-                header.append("| " + " | ".join(str(r[k]) for k in keys) +
-                              f" | {r['lr']} | {f'{loss:.4f}' if loss is not None else '—'} | {r['status']} |")
+                header.append(
+                    "| "
+                    + " | ".join(str(r[k]) for k in keys)
+                    + f" | {r['lr']} | {f'{loss:.4f}' if loss is not None else '—'} | {r['status']} |"
+                )
         header.append("")
     with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(header + ["Best learning rate per cell, mean ± std over seeds:", ""] + lines) + "\n")
+        f.write(
+            "\n".join(header + ["Best learning rate per cell, mean ± std over seeds:", ""] + lines) + "\n"
+        )
     plot(rows, keys, out)
 
 
 def plot(rows, keys, out):
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("[compare] matplotlib is not installed: no plots (pip install -e \".[plot]\")")
+        print('[compare] matplotlib is not installed: no plots (pip install -e ".[plot]")')
         return
     colors = {}
     for xi, (xlabel, fname) in enumerate([("tokens", "loss_vs_tokens.png"), ("seconds", "loss_vs_time.png")]):
@@ -291,8 +347,12 @@ def main(argv=None) -> int:
     p.add_argument("--grid", action="append", default=[], help="section.key=v1,v2,... (repeatable)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--lr-sweep", default=None, help="comma-separated learning rates swept per cell")
-    p.add_argument("--target-loss", type=float, default=None,
-                   help="loss for tokens-to-target (default: the first cell's mean final loss)")
+    p.add_argument(
+        "--target-loss",
+        type=float,
+        default=None,
+        help="loss for tokens-to-target (default: the first cell's mean final loss)",
+    )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--rerun", action="store_true", help="rerun runs that already have results")
     p.add_argument("overrides", nargs="*", help="section.key=value applied to every run")

@@ -25,22 +25,30 @@ from mlalm.cli import run_command
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR",
-                   help="a run directory or one of its checkpoints")
-    p.add_argument("--prompt", action="append", required=True,
-                   help="prompt text; repeat for a batch of prompts")
-    p.add_argument("--max-new-tokens", type=int, default=100,
-                   help="new tokens per prompt; lowered (with a warning on stderr) to "
-                        "the model's max_seq_len minus the longest prompt's tokens when "
-                        "larger; a prompt that alone fills max_seq_len exits with status 2")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR", help="a run directory or one of its checkpoints")
+    p.add_argument(
+        "--prompt", action="append", required=True, help="prompt text; repeat for a batch of prompts"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=100,
+        help="new tokens per prompt; lowered (with a warning on stderr) to "
+        "the model's max_seq_len minus the longest prompt's tokens when "
+        "larger; a prompt that alone fills max_seq_len exits with status 2",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: off")
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-absorb", action="store_true",
-                   help="MLA: cache expanded per-head keys/values instead of the latent")
+    p.add_argument(
+        "--no-absorb",
+        action="store_true",
+        help="MLA: cache expanded per-head keys/values instead of the latent",
+    )
     return p.parse_args(argv)
 
 
@@ -49,6 +57,7 @@ def fit_max_new_tokens(model, tokenizer, prompts, max_new_tokens: int) -> int:
     fit in ``model.cfg.model.max_seq_len`` (one-line warning on stderr when lowered).  A
     prompt that alone fills the context raises ConfigError (nothing is printed)."""
     from mlalm.generate import check_length
+
     limit = model.cfg.model.max_seq_len
     longest = max(len(tokenizer.encode(p)) for p in prompts)
     if longest >= limit:
@@ -56,16 +65,25 @@ def fit_max_new_tokens(model, tokenizer, prompts, max_new_tokens: int) -> int:
     if longest + max_new_tokens <= limit:
         return max_new_tokens
     fitted = limit - longest
-    print(f"warning: --max-new-tokens {max_new_tokens} lowered to {fitted}: the longest prompt "
-          f"has {longest} tokens and the model's max_seq_len is {limit}", file=sys.stderr)
+    print(
+        f"warning: --max-new-tokens {max_new_tokens} lowered to {fitted}: the longest prompt "
+        f"has {longest} tokens and the model's max_seq_len is {limit}",
+        file=sys.stderr,
+    )
     return fitted
 
 
 def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
     """Generate for ``args.prompt`` and print to ``out`` (streaming a single prompt)."""
     from mlalm.generate import generate_text
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              seed=args.seed, absorbed=not args.no_absorb)
+
+    kw = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        absorbed=not args.no_absorb,
+    )
     max_new_tokens = fit_max_new_tokens(model, tokenizer, args.prompt, args.max_new_tokens)
     single = len(args.prompt) == 1
 
@@ -76,8 +94,9 @@ def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
     if single:
         stream(args.prompt[0])
     t0 = time.perf_counter()
-    texts = generate_text(model, tokenizer, args.prompt, max_new_tokens,
-                          stream=stream if single else None, **kw)
+    texts = generate_text(
+        model, tokenizer, args.prompt, max_new_tokens, stream=stream if single else None, **kw
+    )
     seconds = time.perf_counter() - t0
     if single:
         out.write("\n")
@@ -85,8 +104,11 @@ def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
         for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
             out.write(f"--- [{i}] ---\n{prompt}{text}\n")
     out.flush()
-    print(f"[{len(args.prompt)} prompt(s), up to {max_new_tokens} new tokens each, "
-          f"{seconds:.2f} s including compilation]", file=sys.stderr)
+    print(
+        f"[{len(args.prompt)} prompt(s), up to {max_new_tokens} new tokens each, "
+        f"{seconds:.2f} s including compilation]",
+        file=sys.stderr,
+    )
     return texts
 
 
@@ -95,11 +117,14 @@ def main(argv=None) -> int:
 
     def body():
         from mlalm.errors import CheckpointError
+
         if not os.path.exists(args.path):
             raise CheckpointError(f"{args.path}: no such checkpoint or run directory")
         from mlalm.generate import check_sampling
+
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # fail fast
         from mlalm.inference import load_for_inference
+
         model, _cfg, tokenizer = load_for_inference(args.path)
         run(model, tokenizer, args)
 

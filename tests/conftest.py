@@ -1,10 +1,13 @@
 """Shared test fixtures: tiny configs that build and train in a second, and train.py
 runs in a subprocess."""
 
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -14,24 +17,61 @@ from mlalm.config import from_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# One persistent XLA compilation cache for the session, shared by the train.py
+# subprocesses (they inherit the variable): the tiny models' steps compile once, not once
+# per test.  Results are those of the same executables, so bitwise checks are unaffected.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _jax_cache = tempfile.mkdtemp(prefix="mlalm-test-xla-cache-")
+    atexit.register(shutil.rmtree, _jax_cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
 # An MLA + MoE model small enough for a CPU test: two layers (the first dense), q LoRA.
 TINY = {
     "model": {"vocab_size": 40, "d_model": 32, "n_layers": 2, "ffn_dim": 64, "max_seq_len": 64},
-    "attention": {"kind": "mla", "n_heads": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                  "qk_rope_head_dim": 4, "v_head_dim": 8, "q_lora_rank": 12},
-    "moe": {"n_routed_experts": 4, "top_k": 2, "expert_ffn_dim": 16, "first_k_dense_replace": 1,
-            "dispatch": "dropless"},
+    "attention": {
+        "kind": "mla",
+        "n_heads": 2,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 8,
+        "q_lora_rank": 12,
+    },
+    "moe": {
+        "n_routed_experts": 4,
+        "top_k": 2,
+        "expert_ffn_dim": 16,
+        "first_k_dense_replace": 1,
+        "dispatch": "dropless",
+    },
     "train": {"batch_size": 4, "seq_len": 16, "steps": 10},
     "optim": {"warmup_steps": 2},
 }
 
 # The same family as command-line overrides (the subprocess tests of train.py).
-TINY_ARGS = ["model.d_model=48", "model.n_layers=2", "model.ffn_dim=96", "model.max_seq_len=64",
-             "attention.n_heads=2", "attention.kv_lora_rank=16", "attention.qk_nope_head_dim=8",
-             "attention.qk_rope_head_dim=8", "attention.v_head_dim=8", "moe.n_routed_experts=4",
-             "moe.expert_ffn_dim=16", "moe.first_k_dense_replace=1", "train.batch_size=4",
-             "train.seq_len=32", "train.log_every=1", "train.eval_every=5", "train.eval_batches=2",
-             "train.final_eval_batches=4", "train.progress=false", "optim.warmup_steps=5"]
+TINY_ARGS = [
+    "model.d_model=48",
+    "model.n_layers=2",
+    "model.ffn_dim=96",
+    "model.max_seq_len=64",
+    "attention.n_heads=2",
+    "attention.kv_lora_rank=16",
+    "attention.qk_nope_head_dim=8",
+    "attention.qk_rope_head_dim=8",
+    "attention.v_head_dim=8",
+    "moe.n_routed_experts=4",
+    "moe.expert_ffn_dim=16",
+    "moe.first_k_dense_replace=1",
+    "train.batch_size=4",
+    "train.seq_len=32",
+    "train.log_every=1",
+    "train.eval_every=5",
+    "train.eval_batches=2",
+    "train.final_eval_batches=4",
+    "train.progress=false",
+    "optim.warmup_steps=5",
+]
 
 
 def tiny(**sections):
@@ -67,8 +107,15 @@ STEPS = 40
 
 def train_cmd(run_dir, *extra):
     """``python train.py`` on the tiny model and the built-in corpus, run ``RUN_DIR/r``."""
-    return [sys.executable, os.path.join(ROOT, "train.py"), *TINY_ARGS, f"train.steps={STEPS}",
-            f"train.run_dir={run_dir}", "train.name=r", *extra]
+    return [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        *TINY_ARGS,
+        f"train.steps={STEPS}",
+        f"train.run_dir={run_dir}",
+        "train.name=r",
+        *extra,
+    ]
 
 
 def losses(run):
@@ -82,8 +129,13 @@ def losses(run):
 
 def start_and_interrupt(run_dir, sig, *extra, after=10):
     """Start a run; once checkpoint ``after`` is complete, send ``sig``.  Returns (rc, output)."""
-    proc = subprocess.Popen(train_cmd(run_dir, "checkpoint.every=10", *extra), env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(run_dir, "checkpoint.every=10", *extra),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     marker = os.path.join(run_dir, "r", "checkpoints", str(after))
     deadline = time.time() + 300
     while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
@@ -97,7 +149,8 @@ def start_and_interrupt(run_dir, sig, *extra, after=10):
 def reference_run(tmp_path_factory):
     """The uninterrupted run (checkpoints every 10 steps) interrupted ones must reproduce."""
     d = tmp_path_factory.mktemp("ref")
-    out = subprocess.run(train_cmd(d, "checkpoint.every=10"), env=subprocess_env(),
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        train_cmd(d, "checkpoint.every=10"), env=subprocess_env(), capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return os.path.join(d, "r")

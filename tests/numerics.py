@@ -56,8 +56,10 @@ def err(x, ref, scale: float = 0.0) -> float:
 def assert_close(x, ref, *, rtol: float, scale: float = 0.0, what: str = "result"):
     """Assert err(x, ref, scale) <= rtol, with a message naming ``what`` and the figures."""
     e = err(x, ref, scale)
-    assert e <= rtol, (f"{what}: error {e:.3e} > {rtol:.1e} (max|ref| "
-                       f"{float(np.max(np.abs(as_f64(ref)), initial=0.0)):.3e}, floor {scale:.3e})")
+    assert e <= rtol, (
+        f"{what}: error {e:.3e} > {rtol:.1e} (max|ref| "
+        f"{float(np.max(np.abs(as_f64(ref)), initial=0.0)):.3e}, floor {scale:.3e})"
+    )
 
 
 def term_scale(spec: str, *operands) -> float:
@@ -91,6 +93,7 @@ def _where(eqn) -> str:
     """The user source line that emitted ``eqn`` (jax's private helper; '?' if it moved)."""
     try:
         from jax._src import source_info_util
+
         return source_info_util.summarize(eqn.source_info)
     except Exception:  # only the message loses its location
         return "?"

@@ -1,7 +1,7 @@
 """Run by tests/test_sharding.py in a subprocess with several (simulated) CPU devices.
 
-    python tests/sharding_worker.py steps OPTIM       -> JSON: per mesh, losses/grad norms
-    python tests/sharding_worker.py train KEY=VAL...  -> runs mlalm.train.train
+python tests/sharding_worker.py steps OPTIM       -> JSON: per mesh, losses/grad norms
+python tests/sharding_worker.py train KEY=VAL...  -> runs mlalm.train.train
 """
 
 import json
@@ -15,21 +15,39 @@ from mlalm.optim import build_optimizer
 from mlalm.sharding import Placement
 from mlalm.train import init_state, make_train_step
 
-MESHES = {"single": dict(data=1), "data8": dict(data=8), "fsdp2_tensor2_expert2": dict(data=1, fsdp=2, tensor=2, expert=2),
-          "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2)}
+MESHES = {
+    "single": dict(data=1),
+    "data8": dict(data=8),
+    "fsdp2_tensor2_expert2": dict(data=1, fsdp=2, tensor=2, expert=2),
+    "fsdp4_tensor2": dict(data=1, fsdp=4, tensor=2),
+}
 
 
 def config(optim, mesh):
-    return from_dict({
-        "model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "ffn_dim": 64, "max_seq_len": 64},
-        "attention": {"kind": "mla", "n_heads": 4, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                      "qk_rope_head_dim": 4, "v_head_dim": 8, "q_lora_rank": 12},
-        "moe": {"n_routed_experts": 4, "top_k": 2, "expert_ffn_dim": 16, "first_k_dense_replace": 1,
-                "dispatch": "dropless"},
-        "optim": {"name": optim, "warmup_steps": 0, "lr": 1e-2, "schedule": "constant"},
-        "train": {"batch_size": 16, "seq_len": 16},
-        "mesh": mesh,
-    })
+    return from_dict(
+        {
+            "model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "ffn_dim": 64, "max_seq_len": 64},
+            "attention": {
+                "kind": "mla",
+                "n_heads": 4,
+                "kv_lora_rank": 16,
+                "qk_nope_head_dim": 8,
+                "qk_rope_head_dim": 4,
+                "v_head_dim": 8,
+                "q_lora_rank": 12,
+            },
+            "moe": {
+                "n_routed_experts": 4,
+                "top_k": 2,
+                "expert_ffn_dim": 16,
+                "first_k_dense_replace": 1,
+                "dispatch": "dropless",
+            },
+            "optim": {"name": optim, "warmup_steps": 0, "lr": 1e-2, "schedule": "constant"},
+            "train": {"batch_size": 16, "seq_len": 16},
+            "mesh": mesh,
+        }
+    )
 
 
 def spec(x):
@@ -66,8 +84,13 @@ def steps(optim):
             "n_batch_shards": len({str(s.index) for s in batch.addressable_shards}),
         }
         # optimizer state: every moment with the shape of w_gate_EDF is sharded like it
-        opt_specs = sorted({json.dumps(spec(x)) for x in jax.tree.leaves(state.opt_state)
-                            if getattr(x, "shape", None) == (4, 32, 16)})
+        opt_specs = sorted(
+            {
+                json.dumps(spec(x))
+                for x in jax.tree.leaves(state.opt_state)
+                if getattr(x, "shape", None) == (4, 32, 16)
+            }
+        )
         specs["opt_w_gate_EDF"] = opt_specs
         out[name] = {"losses": losses, "grad_norms": norms, "specs": specs}
     print("RESULT " + json.dumps(out))
@@ -79,4 +102,5 @@ if __name__ == "__main__":
     else:
         from mlalm.config import load_config
         from mlalm.train import train
+
         train(load_config(None, sys.argv[2:]), log=lambda *a: print(*a, flush=True))

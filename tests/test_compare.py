@@ -30,21 +30,42 @@ def test_sweep_keeps_best_lr_and_reports_divergence(tmp_path):
     text = "".join(f"line {i % 7}: to be or not to be, that is the question\n" for i in range(400))
     (tmp_path / "c.txt").write_text(text)
     out = tmp_path / "out"
-    code = compare.main([
-        "--lr-sweep", "1e-2,1e30", "--seeds", "0,1", "--out", str(out),
-        f"data.path={tmp_path / 'c.txt'}", f"data.cache_dir={tmp_path / 'cache'}",
-        "model.d_model=32", "model.n_layers=1", "model.ffn_dim=64", "attention.n_heads=2",
-        "attention.kv_lora_rank=16", "attention.qk_nope_head_dim=8", "attention.qk_rope_head_dim=4",
-        "attention.v_head_dim=8", "train.steps=12", "train.batch_size=4", "train.seq_len=32",
-        "train.eval_every=4", "train.eval_batches=2", "train.final_eval_batches=4",
-        "optim.warmup_steps=0", "optim.clip_norm=0", "optim.schedule=constant"])
+    code = compare.main(
+        [
+            "--lr-sweep",
+            "1e-2,1e30",
+            "--seeds",
+            "0,1",
+            "--out",
+            str(out),
+            f"data.path={tmp_path / 'c.txt'}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "model.d_model=32",
+            "model.n_layers=1",
+            "model.ffn_dim=64",
+            "attention.n_heads=2",
+            "attention.kv_lora_rank=16",
+            "attention.qk_nope_head_dim=8",
+            "attention.qk_rope_head_dim=4",
+            "attention.v_head_dim=8",
+            "train.steps=12",
+            "train.batch_size=4",
+            "train.seq_len=32",
+            "train.eval_every=4",
+            "train.eval_batches=2",
+            "train.final_eval_batches=4",
+            "optim.warmup_steps=0",
+            "optim.clip_norm=0",
+            "optim.schedule=constant",
+        ]
+    )
     assert code == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     by = {(r["seed"], r["lr"]): r for r in rows}
     assert set(by) == {("0", "1e-2"), ("0", "1e30"), ("1", "1e-2")}  # seed 1 only at the best lr
-    assert by[("0", "1e30")]["status"] == "diverged"                  # reported, not dropped
+    assert by[("0", "1e30")]["status"] == "diverged"  # reported, not dropped
     assert by[("0", "1e-2")]["status"] == "ok" and by[("0", "1e-2")]["best_lr"] == "True"
-    assert float(by[("1", "1e-2")]["final_val_loss"]) < 3.0           # it learned (ln 257 = 5.55)
+    assert float(by[("1", "1e-2")]["final_val_loss"]) < 3.0  # it learned (ln 257 = 5.55)
     assert int(by[("0", "1e-2")]["peak_memory_bytes"]) > 10_000_000
     md = open(out / "results.md").read()
     assert "| 1e30 | — | diverged |" in md
@@ -57,16 +78,25 @@ def test_eval_json_figures_become_columns(tmp_path):
     from dataclasses import replace
 
     from mlalm.config import Config, to_yaml
+
     run = tmp_path / "run"
     run.mkdir()
     cfg = Config()
     (run / "config.yaml").write_text(to_yaml(replace(cfg, model=replace(cfg.model, vocab_size=257))))
     (run / "metrics.jsonl").write_text(json.dumps({"step": 300, "val_loss": 1.5}) + "\n")
-    (run / "summary.json").write_text(json.dumps({"val_loss": 1.5, "val_perplexity": 4.48,
-                                                  "tokens_per_s": 1000.0}))
-    (run / "eval_valid.json").write_text(json.dumps({
-        "perplexity": 4.25, "bits_per_byte": 2.0625, "word_perplexity": 123.5,
-        "kv_cache": {"measured_bytes_per_token": 1536.0}}))
+    (run / "summary.json").write_text(
+        json.dumps({"val_loss": 1.5, "val_perplexity": 4.48, "tokens_per_s": 1000.0})
+    )
+    (run / "eval_valid.json").write_text(
+        json.dumps(
+            {
+                "perplexity": 4.25,
+                "bits_per_byte": 2.0625,
+                "word_perplexity": 123.5,
+                "kv_cache": {"measured_bytes_per_token": 1536.0},
+            }
+        )
+    )
     row = {"seed": 0, "lr": None, "run": "run", **compare.read_run(str(run))}
     assert row["eval_valid_perplexity"] == 4.25 and row["eval_valid_bits_per_byte"] == 2.0625
     assert row["eval_valid_word_perplexity"] == 123.5 and row["kv_cache_measured_bytes_per_token"] == 1536.0
@@ -78,5 +108,7 @@ def test_eval_json_figures_become_columns(tmp_path):
     assert csv_row["eval_valid_perplexity"] == "4.25" and csv_row["eval_test_perplexity"] == ""
     assert csv_row["kv_cache_measured_bytes_per_token"] == "1536.0"
     md = open(out / "results.md").read()
-    assert "valid perplexity (eval) | valid bits/byte | valid word perplexity | KV bytes/token measured |" in md
+    assert (
+        "valid perplexity (eval) | valid bits/byte | valid word perplexity | KV bytes/token measured |" in md
+    )
     assert "| 4.2500 | 2.0625 | 123.5000 | 1536.0000 | 0 |" in md

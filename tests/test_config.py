@@ -6,9 +6,21 @@ import typing
 
 import pytest
 
-from mlalm.config import (AttentionConfig, CheckpointConfig, Config, DataConfig, MeshConfig, ModelConfig,
-                          MoEConfig, OptimConfig, TrainConfig, describe_keys, from_dict,
-                          load_config, parse_overrides)
+from mlalm.config import (
+    AttentionConfig,
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    MoEConfig,
+    OptimConfig,
+    TrainConfig,
+    describe_keys,
+    from_dict,
+    load_config,
+    parse_overrides,
+)
 from mlalm.errors import ConfigError
 
 # A small, valid MoE config that the error cases below perturb one key at a time.
@@ -25,10 +37,16 @@ def _raises(raw, match):
 # because of the key they perturb).
 # ---------------------------------------------------------------------------------------
 
+
 def test_defaults_and_valid_config_load():
     assert from_dict({}) == Config()
-    cfg = from_dict({"model": {"d_model": 64, "n_layers": 2}, "moe": dict(MOE_OK),
-                     "attention": {"kind": "gqa", "n_heads": 8, "n_kv_heads": 2}})
+    cfg = from_dict(
+        {
+            "model": {"d_model": 64, "n_layers": 2},
+            "moe": dict(MOE_OK),
+            "attention": {"kind": "gqa", "n_heads": 8, "n_kv_heads": 2},
+        }
+    )
     assert cfg.model.d_model == 64 and cfg.model.n_layers == 2
     assert cfg.n_kv_heads == 2
     assert cfg.moe.n_group == 4
@@ -41,9 +59,9 @@ def test_defaults_and_valid_config_load():
 # Unknown sections / keys, with did-you-mean
 # ---------------------------------------------------------------------------------------
 
+
 def test_unknown_section_suggests_close_match():
-    _raises({"modle": {"d_model": 64}},
-            r"unknown config section 'modle'; did you mean 'model'\?")
+    _raises({"modle": {"d_model": 64}}, r"unknown config section 'modle'; did you mean 'model'\?")
 
 
 def test_unknown_section_without_close_match_lists_valid():
@@ -55,10 +73,11 @@ def test_unknown_section_without_close_match_lists_valid():
 
 
 def test_unknown_key_suggests_close_match():
-    _raises({"model": {"n_layer": 3}},
-            r"unknown config key 'model\.n_layer'; did you mean 'n_layers'\?")
-    _raises({"attention": {"kv_lora_rnk": 3}},
-            r"unknown config key 'attention\.kv_lora_rnk'; did you mean 'kv_lora_rank'\?")
+    _raises({"model": {"n_layer": 3}}, r"unknown config key 'model\.n_layer'; did you mean 'n_layers'\?")
+    _raises(
+        {"attention": {"kv_lora_rnk": 3}},
+        r"unknown config key 'attention\.kv_lora_rnk'; did you mean 'kv_lora_rank'\?",
+    )
 
 
 def test_unknown_key_without_close_match():
@@ -76,28 +95,35 @@ def test_section_must_be_mapping():
 # Types
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("raw, match", [
-    ({"model": {"d_model": "wide"}}, r"model\.d_model: expected an integer, got 'wide'"),
-    ({"model": {"n_layers": 2.5}}, r"model\.n_layers: expected an integer, got 2\.5"),
-    ({"model": {"n_layers": True}}, r"model\.n_layers: expected an integer, got True"),
-    ({"model": {"tie_embeddings": 1}}, r"model\.tie_embeddings: expected true or false, got 1"),
-    ({"train": {"progress": "yes"}}, r"train\.progress: expected true or false, got 'yes'"),
-    ({"attention": {"kind": "foo"}},
-     r"attention\.kind: 'foo' is not one of 'mla', 'mha', 'gqa', 'mqa'"),
-    ({"model": {"dtype": "float16"}}, r"model\.dtype: 'float16' is not one of"),
-    ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number, got 'fast'"),
-    ({"optim": {"lr": False}}, r"optim\.lr: expected a number, got False"),
-    ({"data": {"path": True}}, r"data\.path: expected a string, got True"),
-    ({"attention": {"n_kv_heads": "two"}},
-     r"attention\.n_kv_heads: expected an integer, got 'two'"),
-])
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"model": {"d_model": "wide"}}, r"model\.d_model: expected an integer, got 'wide'"),
+        ({"model": {"n_layers": 2.5}}, r"model\.n_layers: expected an integer, got 2\.5"),
+        ({"model": {"n_layers": True}}, r"model\.n_layers: expected an integer, got True"),
+        ({"model": {"tie_embeddings": 1}}, r"model\.tie_embeddings: expected true or false, got 1"),
+        ({"train": {"progress": "yes"}}, r"train\.progress: expected true or false, got 'yes'"),
+        ({"attention": {"kind": "foo"}}, r"attention\.kind: 'foo' is not one of 'mla', 'mha', 'gqa', 'mqa'"),
+        ({"model": {"dtype": "float16"}}, r"model\.dtype: 'float16' is not one of"),
+        ({"optim": {"lr": "fast"}}, r"optim\.lr: expected a number, got 'fast'"),
+        ({"optim": {"lr": False}}, r"optim\.lr: expected a number, got False"),
+        ({"data": {"path": True}}, r"data\.path: expected a string, got True"),
+        ({"attention": {"n_kv_heads": "two"}}, r"attention\.n_kv_heads: expected an integer, got 'two'"),
+    ],
+)
 def test_wrong_types(raw, match):
     _raises(raw, match)
 
 
 def test_gentle_coercions():
-    cfg = from_dict({"model": {"d_model": 64.0, "rope_theta": 500000, "tie_embeddings": True},
-                     "optim": {"lr": "3e-4"}, "data": {"path": 123}})
+    cfg = from_dict(
+        {
+            "model": {"d_model": 64.0, "rope_theta": 500000, "tie_embeddings": True},
+            "optim": {"lr": "3e-4"},
+            "data": {"path": 123},
+        }
+    )
     assert cfg.model.d_model == 64 and type(cfg.model.d_model) is int
     assert cfg.model.rope_theta == 500000.0 and type(cfg.model.rope_theta) is float
     assert cfg.optim.lr == pytest.approx(3e-4) and type(cfg.optim.lr) is float
@@ -109,27 +135,37 @@ def test_gentle_coercions():
 # Attention consistency
 # ---------------------------------------------------------------------------------------
 
+
 def test_gqa_heads_not_divisible_lists_valid_kv_heads():
-    _raises({"attention": {"kind": "gqa", "n_heads": 12, "n_kv_heads": 5}},
-            re.escape("attention.n_heads (12) must be divisible by attention.n_kv_heads (5); "
-                      "valid n_kv_heads: [1, 2, 3, 4, 6, 12]"))
+    _raises(
+        {"attention": {"kind": "gqa", "n_heads": 12, "n_kv_heads": 5}},
+        re.escape(
+            "attention.n_heads (12) must be divisible by attention.n_kv_heads (5); "
+            "valid n_kv_heads: [1, 2, 3, 4, 6, 12]"
+        ),
+    )
 
 
 def test_gqa_nonpositive_kv_heads():
-    _raises({"attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 0}},
-            re.escape("valid n_kv_heads: [1, 2, 4]"))
+    _raises(
+        {"attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 0}},
+        re.escape("valid n_kv_heads: [1, 2, 4]"),
+    )
 
 
 def test_gqa_requires_n_kv_heads():
-    _raises({"attention": {"kind": "gqa", "n_heads": 8}},
-            r"attention\.n_kv_heads must be set for attention\.kind=gqa")
+    _raises(
+        {"attention": {"kind": "gqa", "n_heads": 8}},
+        r"attention\.n_kv_heads must be set for attention\.kind=gqa",
+    )
 
 
 @pytest.mark.parametrize("kind, n_kv, want", [("mha", 2, 8), ("mqa", 2, 1), ("mqa", 8, 1)])
 def test_mha_mqa_contradicting_kv_heads(kind, n_kv, want):
-    _raises({"attention": {"kind": kind, "n_heads": 8, "n_kv_heads": n_kv}},
-            re.escape(f"attention.n_kv_heads={n_kv} contradicts attention.kind={kind} "
-                      f"(which has {want})"))
+    _raises(
+        {"attention": {"kind": kind, "n_heads": 8, "n_kv_heads": n_kv}},
+        re.escape(f"attention.n_kv_heads={n_kv} contradicts attention.kind={kind} (which has {want})"),
+    )
 
 
 @pytest.mark.parametrize("kind, n_kv", [("mha", 8), ("mqa", 1)])
@@ -139,23 +175,32 @@ def test_mha_mqa_consistent_kv_heads_accepted(kind, n_kv):
 
 
 def test_odd_rope_dims():
-    _raises({"attention": {"kind": "mla", "qk_rope_head_dim": 7}},
-            r"attention\.qk_rope_head_dim must be even for rotary embeddings, got 7")
+    _raises(
+        {"attention": {"kind": "mla", "qk_rope_head_dim": 7}},
+        r"attention\.qk_rope_head_dim must be even for rotary embeddings, got 7",
+    )
     for kind in ("mha", "mqa"):
-        _raises({"attention": {"kind": kind, "head_dim": 15}},
-                r"attention\.head_dim must be even for rotary embeddings, got 15")
-    _raises({"attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "head_dim": 9}},
-            r"attention\.head_dim must be even")
+        _raises(
+            {"attention": {"kind": kind, "head_dim": 15}},
+            r"attention\.head_dim must be even for rotary embeddings, got 15",
+        )
+    _raises(
+        {"attention": {"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "head_dim": 9}},
+        r"attention\.head_dim must be even",
+    )
     # head_dim is irrelevant to MLA, qk_rope_head_dim irrelevant to MHA
     from_dict({"attention": {"kind": "mla", "head_dim": 15}})
     from_dict({"attention": {"kind": "mha", "qk_rope_head_dim": 7}})
 
 
 def test_mla_nonnegative_and_positive_dims():
-    _raises({"attention": {"kind": "mla", "kv_lora_rank": 0}},
-            r"attention\.kv_lora_rank must be positive, got 0")
-    _raises({"attention": {"kind": "mla", "q_lora_rank": -1}},
-            r"attention\.qk_nope_head_dim and attention\.q_lora_rank must be >= 0")
+    _raises(
+        {"attention": {"kind": "mla", "kv_lora_rank": 0}}, r"attention\.kv_lora_rank must be positive, got 0"
+    )
+    _raises(
+        {"attention": {"kind": "mla", "q_lora_rank": -1}},
+        r"attention\.qk_nope_head_dim and attention\.q_lora_rank must be >= 0",
+    )
 
 
 def test_positive_keys():
@@ -167,15 +212,20 @@ def test_positive_keys():
 # MoE consistency
 # ---------------------------------------------------------------------------------------
 
+
 def test_top_k_larger_than_experts():
-    _raises({"moe": {"n_routed_experts": 4, "top_k": 5}},
-            r"moe\.top_k=5 must be between 1 and moe\.n_routed_experts=4")
+    _raises(
+        {"moe": {"n_routed_experts": 4, "top_k": 5}},
+        r"moe\.top_k=5 must be between 1 and moe\.n_routed_experts=4",
+    )
     _raises({"moe": {"n_routed_experts": 4, "top_k": 0}}, r"moe\.top_k=0 must be between 1")
 
 
 def test_experts_not_divisible_by_groups():
-    _raises({"moe": {"n_routed_experts": 10, "n_group": 4, "topk_group": 2, "top_k": 2}},
-            r"moe\.n_routed_experts=10 must be divisible by moe\.n_group=4")
+    _raises(
+        {"moe": {"n_routed_experts": 10, "n_group": 4, "topk_group": 2, "top_k": 2}},
+        r"moe\.n_routed_experts=10 must be divisible by moe\.n_group=4",
+    )
 
 
 def test_topk_group_above_n_group():
@@ -183,24 +233,33 @@ def test_topk_group_above_n_group():
 
 
 def test_group_needs_two_experts():
-    _raises({"moe": {"n_routed_experts": 4, "n_group": 4, "topk_group": 2, "top_k": 2}},
-            r"moe\.n_routed_experts/moe\.n_group must be >= 2, got 1")
+    _raises(
+        {"moe": {"n_routed_experts": 4, "n_group": 4, "topk_group": 2, "top_k": 2}},
+        r"moe\.n_routed_experts/moe\.n_group must be >= 2, got 1",
+    )
 
 
 def test_top_k_beyond_reachable_experts():
     # 4 groups of 2 experts, 1 group kept: only 2 experts are reachable
-    _raises({"moe": {**MOE_OK, "topk_group": 1, "top_k": 3}},
-            r"moe\.top_k=3 exceeds the experts reachable in moe\.topk_group=1 groups of 2")
+    _raises(
+        {"moe": {**MOE_OK, "topk_group": 1, "top_k": 3}},
+        r"moe\.top_k=3 exceeds the experts reachable in moe\.topk_group=1 groups of 2",
+    )
     from_dict({"moe": {**MOE_OK, "topk_group": 2, "top_k": 4}})  # exactly reachable
 
 
 def test_softmax_with_groups_and_dense_replace():
-    _raises({"moe": {**MOE_OK, "scoring": "softmax"}},
-            r"moe\.n_group > 1 \(group-limited routing\) needs moe\.scoring=sigmoid")
-    _raises({"model": {"n_layers": 2}, "moe": {**MOE_OK, "first_k_dense_replace": 3}},
-            r"moe\.first_k_dense_replace=3 must be in \[0, model\.n_layers=2\]")
-    _raises({"moe": {"bias_update_rate": -1e-3}},
-            r"moe\.bias_update_rate and moe\.seq_aux_loss_coef must be >= 0")
+    _raises(
+        {"moe": {**MOE_OK, "scoring": "softmax"}},
+        r"moe\.n_group > 1 \(group-limited routing\) needs moe\.scoring=sigmoid",
+    )
+    _raises(
+        {"model": {"n_layers": 2}, "moe": {**MOE_OK, "first_k_dense_replace": 3}},
+        r"moe\.first_k_dense_replace=3 must be in \[0, model\.n_layers=2\]",
+    )
+    _raises(
+        {"moe": {"bias_update_rate": -1e-3}}, r"moe\.bias_update_rate and moe\.seq_aux_loss_coef must be >= 0"
+    )
 
 
 def test_moe_checks_skipped_when_dense():
@@ -213,27 +272,34 @@ def test_moe_checks_skipped_when_dense():
 # Train / optim / data / mesh
 # ---------------------------------------------------------------------------------------
 
+
 def test_seq_len_above_max_seq_len():
-    _raises({"model": {"max_seq_len": 64}, "train": {"seq_len": 65}},
-            r"train\.seq_len=65 is above model\.max_seq_len=64")
+    _raises(
+        {"model": {"max_seq_len": 64}, "train": {"seq_len": 65}},
+        r"train\.seq_len=65 is above model\.max_seq_len=64",
+    )
     from_dict({"model": {"max_seq_len": 64}, "train": {"seq_len": 64}})
 
 
 def test_batch_not_divisible_by_grad_accum():
-    _raises({"train": {"batch_size": 10, "grad_accum": 4}},
-            r"train\.batch_size=10 must be divisible by train\.grad_accum=4")
+    _raises(
+        {"train": {"batch_size": 10, "grad_accum": 4}},
+        r"train\.batch_size=10 must be divisible by train\.grad_accum=4",
+    )
 
 
-@pytest.mark.parametrize("raw, match", [
-    ({"optim": {"min_lr_ratio": 1.5}}, r"optim\.min_lr_ratio must be in \[0, 1\], got 1\.5"),
-    ({"optim": {"decay_fraction": 0}}, r"optim\.decay_fraction must be in \(0, 1\]"),
-    ({"optim": {"b2": 1.0}}, r"optim\.b1 and optim\.b2 must be in \[0, 1\)"),
-    ({"optim": {"warmup_steps": -1}}, r"optim\.warmup_steps must be >= 0"),
-    ({"optim": {"clip_norm": -1}}, r"optim\.clip_norm and optim\.weight_decay must be >= 0"),
-    ({"data": {"val_fraction": 1.0}}, r"data\.val_fraction must be in \(0, 1\), got 1\.0"),
-    ({"data": {"tokenizer": "bpe", "bpe_vocab_size": 100}},
-     r"data\.bpe_vocab_size must be at least 260"),
-])
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        ({"optim": {"min_lr_ratio": 1.5}}, r"optim\.min_lr_ratio must be in \[0, 1\], got 1\.5"),
+        ({"optim": {"decay_fraction": 0}}, r"optim\.decay_fraction must be in \(0, 1\]"),
+        ({"optim": {"b2": 1.0}}, r"optim\.b1 and optim\.b2 must be in \[0, 1\)"),
+        ({"optim": {"warmup_steps": -1}}, r"optim\.warmup_steps must be >= 0"),
+        ({"optim": {"clip_norm": -1}}, r"optim\.clip_norm and optim\.weight_decay must be >= 0"),
+        ({"data": {"val_fraction": 1.0}}, r"data\.val_fraction must be in \(0, 1\), got 1\.0"),
+        ({"data": {"tokenizer": "bpe", "bpe_vocab_size": 100}}, r"data\.bpe_vocab_size must be at least 260"),
+    ],
+)
 def test_other_range_checks(raw, match):
     _raises(raw, match)
 
@@ -251,6 +317,7 @@ def test_good_mesh():
 # ---------------------------------------------------------------------------------------
 # Files and overrides
 # ---------------------------------------------------------------------------------------
+
 
 def test_missing_config_file(tmp_path):
     missing = tmp_path / "nope.yaml"
@@ -272,12 +339,15 @@ def test_yaml_file_errors_are_config_errors(tmp_path):
         load_config(p)
 
 
-@pytest.mark.parametrize("item, match", [
-    ("foo", r"override 'foo' is not of the form section\.key=value"),
-    ("a.b.c=1", r"override key 'a\.b\.c' must be section\.key"),
-    ("nodot=1", r"override key 'nodot' must be section\.key"),
-    (".d_model=1", r"override key '\.d_model' must be section\.key"),
-])
+@pytest.mark.parametrize(
+    "item, match",
+    [
+        ("foo", r"override 'foo' is not of the form section\.key=value"),
+        ("a.b.c=1", r"override key 'a\.b\.c' must be section\.key"),
+        ("nodot=1", r"override key 'nodot' must be section\.key"),
+        (".d_model=1", r"override key '\.d_model' must be section\.key"),
+    ],
+)
 def test_malformed_overrides(item, match):
     with pytest.raises(ConfigError, match=match):
         parse_overrides([item])
@@ -286,9 +356,18 @@ def test_malformed_overrides(item, match):
 
 
 def test_parse_overrides_values_are_yaml():
-    out = parse_overrides(["model.n_layers=3", "optim.lr=3e-4", "optim.b1=0.8",
-                           "model.tie_embeddings=true", "data.path=null", "data.text_key=body",
-                           "train.name=", "data.cache_dir=a=b"])
+    out = parse_overrides(
+        [
+            "model.n_layers=3",
+            "optim.lr=3e-4",
+            "optim.b1=0.8",
+            "model.tie_embeddings=true",
+            "data.path=null",
+            "data.text_key=body",
+            "train.name=",
+            "data.cache_dir=a=b",
+        ]
+    )
     assert out["model"] == {"n_layers": 3, "tie_embeddings": True}
     assert out["optim"]["b1"] == 0.8
     assert out["optim"]["lr"] in ("3e-4", 3e-4)  # YAML 1.1 reads 3e-4 (no dot) as a string
@@ -313,10 +392,21 @@ def test_load_config_yaml_plus_overrides(tmp_path):
         "  lr: 1.0e-3\n"
         "data:\n"
         "  path: corpus.txt\n"
-        "train: ~\n")
-    cfg = load_config(p, ["model.n_layers=3", "optim.lr=3e-4", "model.tie_embeddings=true",
-                          "data.path=null", "attention.n_kv_heads=2", "optim.b1=0.8",
-                          "moe.n_routed_experts=4", "moe.capacity_factor=2"])
+        "train: ~\n"
+    )
+    cfg = load_config(
+        p,
+        [
+            "model.n_layers=3",
+            "optim.lr=3e-4",
+            "model.tie_embeddings=true",
+            "data.path=null",
+            "attention.n_kv_heads=2",
+            "optim.b1=0.8",
+            "moe.n_routed_experts=4",
+            "moe.capacity_factor=2",
+        ],
+    )
     # overrides win over the file
     assert cfg.model.n_layers == 3 and type(cfg.model.n_layers) is int
     assert cfg.optim.lr == pytest.approx(3e-4) and type(cfg.optim.lr) is float
@@ -361,10 +451,18 @@ def test_overrides_are_validated():
 # describe_keys
 # ---------------------------------------------------------------------------------------
 
+
 def test_describe_keys_lists_every_field():
-    sections = {"model": ModelConfig, "attention": AttentionConfig, "moe": MoEConfig,
-                "optim": OptimConfig, "data": DataConfig, "train": TrainConfig,
-                "checkpoint": CheckpointConfig, "mesh": MeshConfig}
+    sections = {
+        "model": ModelConfig,
+        "attention": AttentionConfig,
+        "moe": MoEConfig,
+        "optim": OptimConfig,
+        "data": DataConfig,
+        "train": TrainConfig,
+        "checkpoint": CheckpointConfig,
+        "mesh": MeshConfig,
+    }
     assert {f.name for f in dataclasses.fields(Config)} == set(sections)
     want = [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
     lines = describe_keys().splitlines()

@@ -17,15 +17,24 @@ import numpy as np
 import pytest
 
 from mlalm.config import Config, from_dict
-from mlalm.data import (BPETokenizer, ByteTokenizer, Windows, eval_batches, get_tokenizer,
-                        load_corpus, train_dataset)
+from mlalm.data import (
+    BPETokenizer,
+    ByteTokenizer,
+    Windows,
+    eval_batches,
+    get_tokenizer,
+    load_corpus,
+    train_dataset,
+)
 from mlalm.data.sources import load_splits, read_documents, split_documents
 from mlalm.errors import ConfigError, DataError
 
 EOS = "<|endoftext|>"
 
-WORDS = ("the quick brown fox jumps over lazy dog and then some more words appear in "
-         "this little corpus so that merges have something to learn from").split()
+WORDS = (
+    "the quick brown fox jumps over lazy dog and then some more words appear in "
+    "this little corpus so that merges have something to learn from"
+).split()
 
 
 def _text(n_words: int, seed: int = 0) -> str:
@@ -51,6 +60,7 @@ def _write(path, data: bytes):
 # =======================================================================================
 # ByteTokenizer
 # =======================================================================================
+
 
 def test_byte_tokenizer_constants():
     tok = ByteTokenizer()
@@ -84,12 +94,13 @@ def test_byte_tokenizer_decode():
     # the end-of-text id is dropped from the text
     assert tok.decode(list(b"ab") + [256] + list(b"cd") + [256]) == "abcd"
     # invalid UTF-8 is replaced, as Python's own errors='replace' does
-    assert tok.decode([0xff, 0x61]) == b"\xffa".decode("utf-8", errors="replace") == "\ufffda"
+    assert tok.decode([0xFF, 0x61]) == b"\xffa".decode("utf-8", errors="replace") == "\ufffda"
 
 
 # =======================================================================================
 # BPE tokenizer
 # =======================================================================================
+
 
 @pytest.fixture(scope="module")
 def bpe():
@@ -111,11 +122,14 @@ def test_bpe_trains_to_requested_vocab(bpe):
     assert len(bpe.encode(seen)) < len(seen.encode("utf-8")) * 0.7
 
 
-@pytest.mark.parametrize("text", [
-    _text(100, seed=1),                                   # seen during training
-    "Completely unseen: Zebra QUIZ 12345!?\n\n  indented\ttab",
-    "ünïcödé ✓ 日本語 emoji 🎉 and  double  spaces ",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        _text(100, seed=1),  # seen during training
+        "Completely unseen: Zebra QUIZ 12345!?\n\n  indented\ttab",
+        "ünïcödé ✓ 日本語 emoji 🎉 and  double  spaces ",
+    ],
+)
 def test_bpe_roundtrip(bpe, text):
     ids = bpe.encode(text)
     assert ids.dtype == np.int32
@@ -160,6 +174,7 @@ def test_unknown_tokenizer_raises_config_error():
 # Sources and splits
 # =======================================================================================
 
+
 @pytest.mark.parametrize("f", [0.1, 0.25, 0.5])
 def test_single_file_split_exact_byte_cut(tmp_path, f):
     rng = random.Random(7)
@@ -175,6 +190,7 @@ def test_single_file_split_exact_byte_cut(tmp_path, f):
 def test_single_file_split_hand_computed():
     # 1000 bytes, f=0.1: cut at byte 900 exactly
     from mlalm.data.sources import split_documents
+
     data = bytes(range(200)) * 5
     train, val = split_documents([("x", data)], 0.1)
     assert len(train[0][1]) == 900 and len(val[0][1]) == 100
@@ -215,7 +231,9 @@ def test_directory_reads_subdirectories_and_skips_empty_files(tmp_path):
     _write(d / "blank.txt", b"  \n\t\n")
     docs = read_documents(str(d))
     assert sorted((os.path.relpath(n, d), data) for n, data in docs) == [
-        ("a.txt", b"alpha\n"), (os.path.join("sub", "b.txt"), b"beta\n")]
+        ("a.txt", b"alpha\n"),
+        (os.path.join("sub", "b.txt"), b"beta\n"),
+    ]
 
 
 def _jsonl(path, records, blank_line_after=None):
@@ -229,8 +247,9 @@ def _jsonl(path, records, blank_line_after=None):
 
 def test_jsonl_default_key_one_doc_per_line(tmp_path):
     texts = ["first document", "zweites Dokument: ünïcödé ✓", "third\nhas a newline"]
-    p = _jsonl(tmp_path / "data.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)],
-               blank_line_after=0)
+    p = _jsonl(
+        tmp_path / "data.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)], blank_line_after=0
+    )
     docs = read_documents(str(p))
     assert [d for _, d in docs] == [t.encode("utf-8") for t in texts]
     # names carry the 1-based line number (line 2 is blank)
@@ -303,7 +322,7 @@ def test_val_path_used_as_given(tmp_path):
     tr = _write(tmp_path / "train.txt", b"train text " * 50)
     va = _write(tmp_path / "val.txt", b"validation text " * 7)
     train, val = load_splits(str(tr), str(va), 0.1, "text")
-    assert train == [(str(tr), b"train text " * 50)]   # not split
+    assert train == [(str(tr), b"train text " * 50)]  # not split
     assert val == [(str(va), b"validation text " * 7)]
 
 
@@ -339,6 +358,7 @@ def test_builtin_corpus_deterministic_and_disjoint():
 # load_corpus and the token cache
 # =======================================================================================
 
+
 def _entries(cache):
     """The cache's prepared directories (one per corpus and settings)."""
     root = cache / "prepared"
@@ -350,7 +370,7 @@ def _files(entry):
 
 
 def test_load_corpus_byte_tokens_are_bytes_plus_eos(tmp_path):
-    data = "Grüße, world ✓\n".encode("utf-8") * 40 + b"\xff\xfe raw bytes\n"
+    data = "Grüße, world ✓\n".encode() * 40 + b"\xff\xfe raw bytes\n"
     p = _write(tmp_path / "c.txt", data)
     cfg = _dcfg(tmp_path, path=str(p), val_fraction=0.2)
     corpus = load_corpus(cfg)
@@ -393,7 +413,10 @@ def test_load_corpus_second_call_hits_cache(tmp_path):
     for f in files:
         st = os.stat(entry / f)
         assert (st.st_ino, st.st_mtime_ns, st.st_size) == (
-            stats[f].st_ino, stats[f].st_mtime_ns, stats[f].st_size)
+            stats[f].st_ino,
+            stats[f].st_mtime_ns,
+            stats[f].st_size,
+        )
     np.testing.assert_array_equal(np.asarray(second.train), np.asarray(first.train))
     np.testing.assert_array_equal(np.asarray(second.val), np.asarray(first.val))
 
@@ -404,7 +427,7 @@ def test_load_corpus_second_call_hits_cache(tmp_path):
     shard.write_bytes(np.full(len(first.train), 7, np.uint16).tobytes())
     with pytest.warns(UserWarning, match="checksum"):
         third = load_corpus(cfg)
-    assert np.asarray(third.train).tolist() == list(data[:int(len(data) * 0.9)]) + [256]
+    assert np.asarray(third.train).tolist() == list(data[: int(len(data) * 0.9)]) + [256]
 
 
 def test_load_corpus_content_change_changes_cache_name(tmp_path):
@@ -418,7 +441,7 @@ def test_load_corpus_content_change_changes_cache_name(tmp_path):
     p.write_bytes(new)
     corpus = load_corpus(cfg)
     after = _entries(cache)
-    assert len(after) == 2 and before in after          # a fresh entry; the old one untouched
+    assert len(after) == 2 and before in after  # a fresh entry; the old one untouched
     assert {f: os.stat(before / f).st_mtime_ns for f in _files(before)} == before_files
     cut = int(len(new) * 0.9)
     assert corpus.train.tolist() == list(new[:cut]) + [256]
@@ -471,8 +494,9 @@ def test_load_corpus_bpe_uses_given_tokenizer_path(tmp_path, bpe):
 
 def test_from_dict_data_config(tmp_path):
     p = _write(tmp_path / "c.txt", b"0123456789" * 10)
-    cfg = from_dict({"data": {"path": str(p), "val_fraction": 0.25,
-                              "cache_dir": str(tmp_path / "cache")}}).data
+    cfg = from_dict(
+        {"data": {"path": str(p), "val_fraction": 0.25, "cache_dir": str(tmp_path / "cache")}}
+    ).data
     corpus = load_corpus(cfg)
     assert corpus.train.tolist() == list(b"0123456789" * 10)[:75] + [256]
     assert corpus.val.tolist() == list(b"0123456789" * 10)[75:] + [256]
@@ -482,6 +506,7 @@ def test_from_dict_data_config(tmp_path):
 # Windows and train_dataset
 # =======================================================================================
 
+
 def test_windows_are_stride_seq_len_slices():
     tokens = np.arange(1000, 1103, dtype=np.uint16)  # 103 tokens
     w = Windows(tokens, 10)
@@ -489,7 +514,7 @@ def test_windows_are_stride_seq_len_slices():
     for i in range(len(w)):
         win = w[i]
         assert win.dtype == np.int32 and win.shape == (11,)
-        assert win.tolist() == tokens[i * 10:i * 10 + 11].tolist()
+        assert win.tolist() == tokens[i * 10 : i * 10 + 11].tolist()
         assert win[0] == 1000 + 10 * i
     # neighbouring windows share exactly one token (last target = next first input)
     assert w[0][-1] == w[1][0]
@@ -527,7 +552,7 @@ def test_train_dataset_batches_shape_dtype_and_rows_are_windows():
         for row in b:
             s = int(row[0])
             assert s % T == 0
-            assert row.tolist() == TOKENS[s:s + T + 1].tolist()
+            assert row.tolist() == TOKENS[s : s + T + 1].tolist()
 
 
 def test_train_dataset_seed_determinism():
@@ -579,10 +604,8 @@ def test_train_dataset_iterator_state_resumes():
 
 def test_train_dataset_sharding_union_is_global_batch():
     full = _take(iter(train_dataset(TOKENS, seq_len=T, batch_size=B, seed=2)), 7)
-    s0 = _take(iter(train_dataset(TOKENS, seq_len=T, batch_size=B, seed=2,
-                                  shard_index=0, shard_count=2)), 7)
-    s1 = _take(iter(train_dataset(TOKENS, seq_len=T, batch_size=B, seed=2,
-                                  shard_index=1, shard_count=2)), 7)
+    s0 = _take(iter(train_dataset(TOKENS, seq_len=T, batch_size=B, seed=2, shard_index=0, shard_count=2)), 7)
+    s1 = _take(iter(train_dataset(TOKENS, seq_len=T, batch_size=B, seed=2, shard_index=1, shard_count=2)), 7)
     for f, a, b in zip(full, s0, s1):
         assert a.shape == b.shape == (B // 2, T + 1)
         np.testing.assert_array_equal(np.concatenate([a, b]), f)
@@ -597,23 +620,27 @@ def test_train_dataset_batch_not_divisible_by_shards():
 # eval_batches
 # =======================================================================================
 
+
 def test_eval_batches_sequential_with_short_last_batch():
     tokens = np.arange(7 * 10 + 1, dtype=np.uint16)  # 7 windows of seq_len 10
     batches = list(eval_batches(tokens, seq_len=10, batch_size=3))
     assert [b.shape for b in batches] == [(3, 11), (3, 11), (1, 11)]
     assert all(b.dtype == np.int32 for b in batches)
     rows = np.concatenate(batches)
-    expected = np.stack([tokens[i * 10:i * 10 + 11] for i in range(7)]).astype(np.int32)
+    expected = np.stack([tokens[i * 10 : i * 10 + 11] for i in range(7)]).astype(np.int32)
     np.testing.assert_array_equal(rows, expected)
 
 
-@pytest.mark.parametrize("max_batches,shapes", [
-    (0, [(3, 11), (3, 11), (1, 11)]),
-    (1, [(3, 11)]),
-    (2, [(3, 11), (3, 11)]),
-    (3, [(3, 11), (3, 11), (1, 11)]),
-    (10, [(3, 11), (3, 11), (1, 11)]),
-])
+@pytest.mark.parametrize(
+    "max_batches,shapes",
+    [
+        (0, [(3, 11), (3, 11), (1, 11)]),
+        (1, [(3, 11)]),
+        (2, [(3, 11), (3, 11)]),
+        (3, [(3, 11), (3, 11), (1, 11)]),
+        (10, [(3, 11), (3, 11), (1, 11)]),
+    ],
+)
 def test_eval_batches_max_batches(max_batches, shapes):
     tokens = np.arange(7 * 10 + 1, dtype=np.uint16)
     batches = list(eval_batches(tokens, seq_len=10, batch_size=3, max_batches=max_batches))
@@ -625,6 +652,7 @@ def test_eval_batches_max_batches(max_batches, shapes):
 # =======================================================================================
 # Regressions
 # =======================================================================================
+
 
 def test_directory_split_never_leaves_train_empty(tmp_path):
     names = ["f0.txt", "f1.txt", "f2.txt"]

@@ -20,14 +20,15 @@ from mlalm.data import encode as enc
 from mlalm.data.formats import expand_inputs
 from mlalm.data.prepare import prepare
 from mlalm.data.shards import PreparedData
-from mlalm.data.tokenizers import (EOS_NAMES, HFTokenizer, get_tokenizer, load_tokenizer,
-                                   spelled_documents)
+from mlalm.data.tokenizers import EOS_NAMES, HFTokenizer, get_tokenizer, load_tokenizer, spelled_documents
 from mlalm.errors import DataError
 
-DOCS = ["first document: plain ASCII\nwith two lines\n",
-        "zweites Dokument: ünïcödé ✓ 日本語\n",
-        "third has an emoji 🎉 and\ttabs\n" * 3,
-        "4th " * 50]
+DOCS = [
+    "first document: plain ASCII\nwith two lines\n",
+    "zweites Dokument: ünïcödé ✓ 日本語\n",
+    "third has an emoji 🎉 and\ttabs\n" * 3,
+    "4th " * 50,
+]
 
 
 def _byte_reference(texts) -> list[int]:
@@ -51,6 +52,7 @@ def _write_jsonl(path, texts, opener=open):
 
 def _zst(path, data: bytes):
     import zstandard
+
     path.write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(data))
     return path
 
@@ -58,14 +60,17 @@ def _zst(path, data: bytes):
 def _parquet(path, texts, column="text", row_group_size=2):
     import pyarrow as pa
     import pyarrow.parquet as pq
-    pq.write_table(pa.table({column: texts, "n": list(range(len(texts)))}), path,
-                   row_group_size=row_group_size)
+
+    pq.write_table(
+        pa.table({column: texts, "n": list(range(len(texts)))}), path, row_group_size=row_group_size
+    )
     return path
 
 
 # =======================================================================================
 # Every format gives the documents it holds
 # =======================================================================================
+
 
 def test_text_files_gz_zst_give_the_same_tokens(tmp_path):
     for i, t in enumerate(DOCS):
@@ -89,8 +94,9 @@ def test_record_formats_give_the_same_tokens(tmp_path):
         "ndjson": _write_jsonl(tmp_path / "a.ndjson", DOCS),
         "json lines": _write_jsonl(tmp_path / "lines.json", DOCS),
         "jsonl.gz": _write_jsonl(tmp_path / "a.jsonl.gz", DOCS, opener=gzip.open),
-        "jsonl.zst": _zst(tmp_path / "b.jsonl.zst", "".join(json.dumps({"text": t}) + "\n"
-                                                           for t in DOCS).encode()),
+        "jsonl.zst": _zst(
+            tmp_path / "b.jsonl.zst", "".join(json.dumps({"text": t}) + "\n" for t in DOCS).encode()
+        ),
         "json array": tmp_path / "array.json",
         "parquet": _parquet(tmp_path / "a.parquet", DOCS),
     }
@@ -103,12 +109,15 @@ def test_record_formats_give_the_same_tokens(tmp_path):
 def test_parquet_large_string_and_binary_columns(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"text": pa.array(DOCS, pa.large_string())}), tmp_path / "l.parquet")
-    pq.write_table(pa.table({"text": pa.array([t.encode() for t in DOCS], pa.binary())}),
-                   tmp_path / "b.parquet")
+    pq.write_table(
+        pa.table({"text": pa.array([t.encode() for t in DOCS], pa.binary())}), tmp_path / "b.parquet"
+    )
     for name in ("l.parquet", "b.parquet"):
-        assert _prepare_all(tmp_path, [tmp_path / name]).split("train").tokens.tolist() == \
-            _byte_reference(DOCS)
+        assert _prepare_all(tmp_path, [tmp_path / name]).split("train").tokens.tolist() == _byte_reference(
+            DOCS
+        )
 
 
 def test_empty_and_blank_documents_are_dropped(tmp_path):
@@ -122,8 +131,16 @@ def test_empty_and_blank_documents_are_dropped(tmp_path):
 
 def test_directory_walk_order_hidden_skipped_and_globs(tmp_path):
     d = tmp_path / "c"
-    for rel in ["b.txt", "a.txt", "sub/z.txt", "sub/deeper/y.txt", "asub/x.txt",
-                ".hidden.txt", ".git/config", "sub/.h/q.txt"]:
+    for rel in [
+        "b.txt",
+        "a.txt",
+        "sub/z.txt",
+        "sub/deeper/y.txt",
+        "asub/x.txt",
+        ".hidden.txt",
+        ".git/config",
+        "sub/.h/q.txt",
+    ]:
         (d / rel).parent.mkdir(parents=True, exist_ok=True)
         (d / rel).write_text(rel)
     got = [os.path.relpath(f.path, d) for f in expand_inputs([d])]
@@ -139,6 +156,7 @@ def test_directory_walk_order_hidden_skipped_and_globs(tmp_path):
 # Bad inputs: one-line DataErrors naming the file
 # =======================================================================================
 
+
 def _one_line_error(call, *needles):
     with pytest.raises(DataError) as ei:
         call()
@@ -150,8 +168,9 @@ def _one_line_error(call, *needles):
 
 
 def test_missing_input_and_empty_glob(tmp_path):
-    _one_line_error(lambda: expand_inputs([tmp_path / "nope.txt"], key="data.path"), "data.path",
-                    tmp_path / "nope.txt")
+    _one_line_error(
+        lambda: expand_inputs([tmp_path / "nope.txt"], key="data.path"), "data.path", tmp_path / "nope.txt"
+    )
     _one_line_error(lambda: expand_inputs([str(tmp_path / "*.jsonl")]), "no file matches")
 
 
@@ -171,6 +190,7 @@ def _returns_within(fn, seconds=20):
             fn()
         except BaseException as e:  # noqa: BLE001
             box["error"] = e
+
     t = threading.Thread(target=run, daemon=True)
     t.start()
     t.join(seconds)
@@ -201,7 +221,7 @@ def test_parquet_without_the_text_column_names_its_columns(tmp_path):
 def test_corrupt_or_truncated_gzip_names_file_and_offset(tmp_path):
     blob = gzip.compress(("line of text %d\n" * 1 % 0).encode() * 20000)
     truncated = tmp_path / "t.txt.gz"
-    truncated.write_bytes(blob[:len(blob) // 2])
+    truncated.write_bytes(blob[: len(blob) // 2])
     msg = _one_line_error(lambda: prepare([truncated], tmp_path / "o1"), truncated, "gzip", "byte")
     assert re.search(r"compressed byte [\d,]+", msg)
     garbage = tmp_path / "g.jsonl.gz"
@@ -211,9 +231,10 @@ def test_corrupt_or_truncated_gzip_names_file_and_offset(tmp_path):
 
 def test_corrupt_or_truncated_zstd_names_file(tmp_path):
     import zstandard
+
     blob = zstandard.ZstdCompressor(write_checksum=True).compress(os.urandom(1000) * 300)
     truncated = tmp_path / "t.txt.zst"
-    truncated.write_bytes(blob[:len(blob) // 2])
+    truncated.write_bytes(blob[: len(blob) // 2])
     _one_line_error(lambda: prepare([truncated], tmp_path / "o1"), truncated, "zstd", "compressed byte")
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0xFF
@@ -241,37 +262,48 @@ def test_empty_corpus_is_a_data_error(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "blank.txt").write_text("  \n\t ")
     _write_jsonl(tmp_path / "c" / "e.jsonl", ["", "  "])
-    _one_line_error(lambda: prepare([tmp_path / "c"], tmp_path / "out", key="data.path"),
-                    "data.path", "contains no text")
+    _one_line_error(
+        lambda: prepare([tmp_path / "c"], tmp_path / "out", key="data.path"), "data.path", "contains no text"
+    )
 
 
 def test_unparsable_tokenizer_file(tmp_path):
     bad = tmp_path / "tokenizer.json"
     bad.write_text("{not json")
     (tmp_path / "a.txt").write_text("text")
-    _one_line_error(lambda: prepare([tmp_path / "a.txt"], tmp_path / "out", tokenizer=str(bad)),
-                    bad, "not a readable tokenizer")
+    _one_line_error(
+        lambda: prepare([tmp_path / "a.txt"], tmp_path / "out", tokenizer=str(bad)),
+        bad,
+        "not a readable tokenizer",
+    )
 
 
 def test_non_utf8_text_rule(tmp_path, bpe_file):
-    raw = "ok text\n".encode() * 3 + b"bad \xff byte\n"
+    raw = b"ok text\n" * 3 + b"bad \xff byte\n"
     p = tmp_path / "latin.txt"
     p.write_bytes(raw)
     (tmp_path / "other.txt").write_text("another document\n")
     # the byte tokenizer takes any bytes, and counts them
     data = _prepare_all(tmp_path, [p, tmp_path / "other.txt"])
-    assert data.split("train").tokens.tolist()[:len(raw)] == list(raw)
+    assert data.split("train").tokens.tolist()[: len(raw)] == list(raw)
     # other tokenizers read UTF-8 only: the file and the byte offset are named
     bad_at = raw.index(b"\xff")
-    _one_line_error(lambda: prepare([p], tmp_path / "o", tokenizer=bpe_file, val_fraction=0.0),
-                    p, f"offset {bad_at}", "not UTF-8")
+    _one_line_error(
+        lambda: prepare([p], tmp_path / "o", tokenizer=bpe_file, val_fraction=0.0),
+        p,
+        f"offset {bad_at}",
+        "not UTF-8",
+    )
     # in the validation part of a single document cut by bytes: still the document's offset
     big = ("line of text\n" * 20000).encode() + b"\xfe" + b"tail\n" * 10
     (tmp_path / "big").mkdir()
     (tmp_path / "big" / "one.txt").write_bytes(big)
     bad_at = big.index(b"\xfe")
-    _one_line_error(lambda: prepare([tmp_path / "big"], tmp_path / "o2", tokenizer=bpe_file,
-                                    val_fraction=0.5), "one.txt", f"offset {bad_at:,}")
+    _one_line_error(
+        lambda: prepare([tmp_path / "big"], tmp_path / "o2", tokenizer=bpe_file, val_fraction=0.5),
+        "one.txt",
+        f"offset {bad_at:,}",
+    )
 
 
 def test_binary_looking_file_warns_once(tmp_path):
@@ -286,6 +318,7 @@ def test_binary_looking_file_warns_once(tmp_path):
 # =======================================================================================
 # Pieces: the streaming rule equals the one-shot rule
 # =======================================================================================
+
 
 def _naive_pieces(data: bytes, size: int = enc.PIECE) -> list[bytes]:
     """The rule, restated: cut after the first newline at least ``size`` bytes on."""
@@ -309,7 +342,7 @@ def test_chunker_pieces_do_not_depend_on_block_boundaries():
         got, pos = [], 0
         while pos < len(data):
             n = rng.randrange(1, 200_000)
-            got += c.feed(data[pos:pos + n])
+            got += c.feed(data[pos : pos + n])
             pos += n
         got += c.flush()
         assert got == want
@@ -317,6 +350,7 @@ def test_chunker_pieces_do_not_depend_on_block_boundaries():
 
 def test_split_stream_cuts_at_the_utf8_boundary_as_split_documents():
     from mlalm.data.sources import split_documents
+
     rng = random.Random(1)
     for trial in range(60):
         data = "".join(rng.choice(["a", "é", "✓", "🎉", "\n"]) for _ in range(rng.randrange(1, 400))).encode()
@@ -327,7 +361,7 @@ def test_split_stream_cuts_at_the_utf8_boundary_as_split_documents():
         pos, blocks = 0, []
         while pos < len(data):
             n = rng.randrange(1, 40)
-            blocks.append(data[pos:pos + n])
+            blocks.append(data[pos : pos + n])
             pos += n
         got = {enc.TRAIN: b"", enc.VAL: b""}
         for split, b in enc.split_stream(blocks, int(len(data) * (1 - f))):
@@ -338,6 +372,7 @@ def test_split_stream_cuts_at_the_utf8_boundary_as_split_documents():
 # =======================================================================================
 # Tokenizers
 # =======================================================================================
+
 
 @pytest.fixture(scope="module")
 def bpe_file(tmp_path_factory):
@@ -353,6 +388,7 @@ WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog"]
 def _wordlevel(tmp_path, specials=("</s>",), n_extra=0):
     """A WordLevel tokenizer.json (whitespace pre-tokenizer) built by hand."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
     vocab = {"<unk>": 0, **{w: i + 1 for i, w in enumerate(WORDS)}}
     for i in range(n_extra):
         vocab[f"w{i}"] = len(vocab)
@@ -433,14 +469,16 @@ def test_sentencepiece_style_with_byte_fallback(tmp_path):
     """Llama-2 layout: Prepend('▁') + Replace(' ', '▁') normalizer, byte-fallback BPE,
     decoder Replace('▁', ' ') + ByteFallback + Fuse + Strip."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
     vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}}
     for piece in ["▁", "t", "h", "e", "▁t", "he", "▁the", "c", "a", "▁c", "at", "▁cat"]:
         vocab[piece] = len(vocab)
     merges = [("▁", "t"), ("h", "e"), ("▁t", "he"), ("▁", "c"), ("a", "t"), ("▁c", "at")]
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     tok.add_special_tokens([AddedToken("</s>", special=True)])
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
@@ -457,6 +495,7 @@ def test_sentencepiece_style_with_byte_fallback(tmp_path):
 def test_get_tokenizer_names():
     assert get_tokenizer("byte").vocab_size == 257
     from mlalm.errors import ConfigError
+
     with pytest.raises(ConfigError, match=r"data\.tokenizer"):
         get_tokenizer("wordpiece")
     assert issubclass(type(get_tokenizer("bpe", train_texts=["a b c"] * 10, vocab_size=270)), HFTokenizer)

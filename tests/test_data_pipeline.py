@@ -29,7 +29,7 @@ def _sharded(tmp_path, values: np.ndarray, sizes) -> TokenStream:
     paths, pos = [], 0
     for i, n in enumerate(sizes):
         p = tmp_path / f"{values[0]}-{i}.bin"
-        p.write_bytes(values[pos:pos + n].astype("<u2").tobytes())
+        p.write_bytes(values[pos : pos + n].astype("<u2").tobytes())
         paths.append(p)
         pos += n
     assert pos == len(values)
@@ -41,12 +41,13 @@ def _take(it, k):
 
 
 def _window(tokens: np.ndarray, i: int) -> np.ndarray:
-    return tokens[i * T:i * T + T + 1].astype(np.int32)
+    return tokens[i * T : i * T + T + 1].astype(np.int32)
 
 
 # =======================================================================================
 # Training windows over sharded streams
 # =======================================================================================
+
 
 def test_sharded_stream_batches_are_the_shuffled_windows(tmp_path):
     ref = np.arange(24 * T + 1, dtype=np.uint16)
@@ -109,10 +110,13 @@ def test_resume_is_bitwise_over_a_prepared_directory(tmp_path):
 # Mixtures
 # =======================================================================================
 
+
 def _three_sources(tmp_path):
     # source k holds values in [1000k, 1000k + n): a row's values tell its source
-    return [_sharded(tmp_path, np.arange(1000 * k, 1000 * k + n, dtype=np.uint16), [n // 2, n - n // 2])
-            for k, n in enumerate([200, 81, 500])]
+    return [
+        _sharded(tmp_path, np.arange(1000 * k, 1000 * k + n, dtype=np.uint16), [n // 2, n - n // 2])
+        for k, n in enumerate([200, 81, 500])
+    ]
 
 
 def test_mixture_rows_follow_the_weights(tmp_path):
@@ -125,7 +129,7 @@ def test_mixture_rows_follow_the_weights(tmp_path):
             assert int(row[0]) // 1000 == s  # the id names the source the row came from
             tokens = np.arange(1000 * s, 1000 * s + [200, 81, 500][s])
             start = int(row[0]) - 1000 * s
-            assert start % T == 0 and row.tolist() == tokens[start:start + T + 1].tolist()
+            assert start % T == 0 and row.tolist() == tokens[start : start + T + 1].tolist()
         counts += np.bincount(src, minlength=3)
         n += len(src)
     for k, w in enumerate(weights):
@@ -138,6 +142,7 @@ def test_mixture_is_deterministic_and_resumes_bitwise(tmp_path):
 
     def make(seed=0):
         return iter(mixture_dataset(sources, weights, seq_len=T, batch_size=B, seed=seed))
+
     a, b = _take(make(), 30), _take(make(), 30)
     np.testing.assert_array_equal(np.stack(a), np.stack(b))
     assert not np.array_equal(np.stack(a), np.stack(_take(make(seed=1), 30)))
@@ -153,8 +158,17 @@ def test_mixture_is_deterministic_and_resumes_bitwise(tmp_path):
 def test_mixture_multi_process_union_is_the_global_batch(tmp_path):
     sources = _three_sources(tmp_path)
     full = _take(iter(mixture_dataset(sources, [1, 2, 3], seq_len=T, batch_size=B, seed=4)), 10)
-    parts = [_take(iter(mixture_dataset(sources, [1, 2, 3], seq_len=T, batch_size=B, seed=4,
-                                        shard_index=p, shard_count=2)), 10) for p in range(2)]
+    parts = [
+        _take(
+            iter(
+                mixture_dataset(
+                    sources, [1, 2, 3], seq_len=T, batch_size=B, seed=4, shard_index=p, shard_count=2
+                )
+            ),
+            10,
+        )
+        for p in range(2)
+    ]
     for f, a, b in zip(full, *parts):
         np.testing.assert_array_equal(np.concatenate([a, b]), f)
 
@@ -162,6 +176,7 @@ def test_mixture_multi_process_union_is_the_global_batch(tmp_path):
 # =======================================================================================
 # load_corpus
 # =======================================================================================
+
 
 def _cfg(tmp_path, **kw):
     return dataclasses.replace(Config().data, cache_dir=str(tmp_path / "cache"), **kw)
@@ -181,8 +196,9 @@ def test_prepared_directory_as_path_val_path_and_test_path(tmp_path):
     val = _text_dir(tmp_path, "va", n=3, word="validation")
     prepare([val], tmp_path / "pva", val_fraction=0.3)  # all of it is evaluated
     test = _text_dir(tmp_path, "te", n=2, word="test")
-    c = load_corpus(_cfg(tmp_path, path=str(tmp_path / "ptr"), val_path=str(tmp_path / "pva"),
-                         test_path=str(test)))
+    c = load_corpus(
+        _cfg(tmp_path, path=str(tmp_path / "ptr"), val_path=str(tmp_path / "pva"), test_path=str(test))
+    )
     ptr, pva = PreparedData.open(tmp_path / "ptr"), PreparedData.open(tmp_path / "pva")
     assert c.train.tolist() == ptr.split("train").tokens.tolist()
     assert c.val.tolist() == pva.split("train").tokens.tolist() + pva.split("val").tokens.tolist()
@@ -192,8 +208,10 @@ def test_prepared_directory_as_path_val_path_and_test_path(tmp_path):
     # without val_path the directory's own val split validates
     c2 = load_corpus(_cfg(tmp_path, path=str(tmp_path / "ptr")))
     assert c2.val.tolist() == ptr.split("val").tokens.tolist()
-    assert (c2.train_documents, c2.val_documents) == (ptr.manifest["splits"]["train"]["documents"],
-                                                       ptr.manifest["splits"]["val"]["documents"])
+    assert (c2.train_documents, c2.val_documents) == (
+        ptr.manifest["splits"]["train"]["documents"],
+        ptr.manifest["splits"]["val"]["documents"],
+    )
     # a directory prepared without a val split cannot validate by itself
     prepare([train], tmp_path / "pall", val_fraction=0.0)
     with pytest.raises(DataError, match="data.val_path"):
@@ -208,6 +226,7 @@ def test_cache_reuse_does_not_read_the_sources(tmp_path, monkeypatch):
 
     def no_reading(*a, **k):
         raise AssertionError("the sources were read again")
+
     monkeypatch.setattr(formats.Stream, "__init__", no_reading)
     second = load_corpus(cfg)
     assert second.train.tolist() == first.train.tolist()
@@ -229,6 +248,7 @@ def test_concurrent_cache_preparation(tmp_path):
             results.append(load_corpus(cfg))
         except BaseException as e:  # noqa: BLE001
             errors.append(e)
+
     threads = [threading.Thread(target=run) for _ in range(3)]
     for t in threads:
         t.start()
@@ -246,8 +266,10 @@ def test_load_corpus_mixture(tmp_path):
     a, b = _text_dir(tmp_path, "a", word="alpha"), _text_dir(tmp_path, "b", word="beta")
     prepare([a], tmp_path / "pa")
     prepare([b], tmp_path / "pb")
-    cfg = _cfg(tmp_path, mix=({"path": str(tmp_path / "pa"), "weight": 3},
-                              {"path": str(tmp_path / "pb"), "weight": 1}))
+    cfg = _cfg(
+        tmp_path,
+        mix=({"path": str(tmp_path / "pa"), "weight": 3}, {"path": str(tmp_path / "pb"), "weight": 1}),
+    )
     c = load_corpus(cfg)
     assert c.train is None and [s.weight for s in c.sources] == [3.0, 1.0]
     pa, pb = PreparedData.open(tmp_path / "pa"), PreparedData.open(tmp_path / "pb")
@@ -256,7 +278,9 @@ def test_load_corpus_mixture(tmp_path):
     rows, src = next(iter(c.train_dataset(seq_len=T, batch_size=8, seed=0, with_source=True)))
     assert rows.shape == (8, T + 1) and sorted(np.bincount(src, minlength=2).tolist()) == [2, 6]
     # raw text in a mixture is prepared through the cache with the same tokenizer
-    c2 = load_corpus(_cfg(tmp_path, mix=({"path": str(a), "weight": 1}, {"path": str(tmp_path / "pb"), "weight": 1})))
+    c2 = load_corpus(
+        _cfg(tmp_path, mix=({"path": str(a), "weight": 1}, {"path": str(tmp_path / "pb"), "weight": 1}))
+    )
     assert c2.sources[0].train.tokens.tolist() == pa.split("train").tokens.tolist()
 
 
@@ -264,8 +288,10 @@ def test_mixture_of_different_tokenizers_names_both(tmp_path):
     a, b = _text_dir(tmp_path, "a"), _text_dir(tmp_path, "b")
     prepare([a], tmp_path / "pa")
     prepare([b], tmp_path / "pb", tokenizer="bpe", bpe_vocab_size=270)
-    cfg = _cfg(tmp_path, mix=({"path": str(tmp_path / "pa"), "weight": 1},
-                              {"path": str(tmp_path / "pb"), "weight": 1}))
+    cfg = _cfg(
+        tmp_path,
+        mix=({"path": str(tmp_path / "pa"), "weight": 1}, {"path": str(tmp_path / "pb"), "weight": 1}),
+    )
     with pytest.raises(DataError) as ei:
         load_corpus(cfg)
     assert str(tmp_path / "pa") in str(ei.value) and str(tmp_path / "pb") in str(ei.value)
@@ -274,6 +300,7 @@ def test_mixture_of_different_tokenizers_names_both(tmp_path):
 
 def test_builtin_corpus_prepared_matches_the_in_memory_split(tmp_path):
     from mlalm.data.sources import load_splits
+
     train_docs, val_docs = load_splits(None, None, 0.1, "text")
     c = load_corpus(_cfg(tmp_path))
     want_val = [t for _, d in val_docs for t in list(d) + [256]]

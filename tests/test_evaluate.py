@@ -25,13 +25,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from mlalm.inference import load_for_inference
 from mlalm.config import from_dict
-from mlalm.data.tokenizers import ByteTokenizer, get_tokenizer
-from mlalm.errors import ConfigError, DataError
 from mlalm.data import tokenize_path
-from mlalm.data.tokenizers import spelled_documents
+from mlalm.data.tokenizers import ByteTokenizer, get_tokenizer, spelled_documents
+from mlalm.errors import ConfigError, DataError
 from mlalm.evaluate import count_words_lines, evaluate_checkpoint, kv_cache_report, max_context, parse_bytes
+from mlalm.inference import load_for_inference
 from mlalm.model import Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +40,20 @@ spec.loader.exec_module(eval_cli)
 
 T = 16  # train.seq_len
 WORDS = "the of and to in a is that for it as was with be by on not café naïve".split()
-REQUIRED = {"perplexity", "bits_per_byte", "tokens", "word_perplexity", "kv_cache", "decode", "split",
-            "checkpoint", "step", "bytes", "words", "nll_sum"}
+REQUIRED = {
+    "perplexity",
+    "bits_per_byte",
+    "tokens",
+    "word_perplexity",
+    "kv_cache",
+    "decode",
+    "split",
+    "checkpoint",
+    "step",
+    "bytes",
+    "words",
+    "nll_sum",
+}
 
 
 def _text(n_lines: int, seed: int) -> str:
@@ -58,19 +69,34 @@ def _text(n_lines: int, seed: int) -> str:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     from mlalm.train import train
+
     d = tmp_path_factory.mktemp("eval")
     (d / "train.txt").write_text(_text(300, 0), encoding="utf-8")
     (d / "valid.txt").write_text(_text(50, 1), encoding="utf-8")
-    cfg = from_dict({
-        "model": dict(d_model=32, n_layers=2, ffn_dim=64, max_seq_len=64),
-        "attention": dict(kind="mla", n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
-                          qk_rope_head_dim=4, v_head_dim=8),
-        "moe": dict(n_routed_experts=4, expert_ffn_dim=16, first_k_dense_replace=1),
-        "data": dict(path=str(d / "train.txt"), val_path=str(d / "valid.txt"), cache_dir=str(d / "cache")),
-        "train": dict(steps=10, batch_size=4, seq_len=T, eval_every=100, final_eval_batches=0,
-                      run_dir=str(d / "runs"), name="r", progress=False),
-        "optim": dict(warmup_steps=2, lr=1e-2),
-        "checkpoint": dict(async_save=False)})
+    cfg = from_dict(
+        {
+            "model": dict(d_model=32, n_layers=2, ffn_dim=64, max_seq_len=64),
+            "attention": dict(
+                kind="mla", n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8
+            ),
+            "moe": dict(n_routed_experts=4, expert_ffn_dim=16, first_k_dense_replace=1),
+            "data": dict(
+                path=str(d / "train.txt"), val_path=str(d / "valid.txt"), cache_dir=str(d / "cache")
+            ),
+            "train": dict(
+                steps=10,
+                batch_size=4,
+                seq_len=T,
+                eval_every=100,
+                final_eval_batches=0,
+                run_dir=str(d / "runs"),
+                name="r",
+                progress=False,
+            ),
+            "optim": dict(warmup_steps=2, lr=1e-2),
+            "checkpoint": dict(async_save=False),
+        }
+    )
     train(cfg, log=lambda *a: None)
     return str(d / "runs" / "r"), str(d / "valid.txt")
 
@@ -83,18 +109,18 @@ def reference(run):
     assert cfg.train.seq_len == T
     raw = open(valid, "rb").read()
     stream = np.array([256, *raw, 256])  # end-of-text, the document, end-of-text
-    windows = [(stream[s:s + T], stream[s + 1:s + T + 1]) for s in range(0, len(stream) - 1, T)]
+    windows = [(stream[s : s + T], stream[s + 1 : s + T + 1]) for s in range(0, len(stream) - 1, T)]
     assert len(windows[-1][1]) < T  # a short last window is exercised
     # one forward pass over all windows; the short last one is padded at its end, which
     # by causality leaves the logits of its real positions unchanged
     x_WT = np.zeros((len(windows), T), np.int32)
     for i, (_, y) in enumerate(windows):
-        x_WT[i, :len(y)] = windows[i][0][:len(y)]
+        x_WT[i, : len(y)] = windows[i][0][: len(y)]
     graphdef, state = nnx.split(model)
     logits_WTV = np.asarray(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x))(state, x_WT), np.float64)
     per_window = []
     for l_TV, (_, y) in zip(logits_WTV, windows):
-        l_TV = l_TV[:len(y)]
+        l_TV = l_TV[: len(y)]
         m = l_TV.max(-1)
         lse = m + np.log(np.exp(l_TV - m[:, None]).sum(-1))  # log Σ exp(logits)
         per_window.append(float((lse - l_TV[np.arange(len(y)), y]).sum()))
@@ -106,8 +132,9 @@ def cli_json(run):
     """eval.py --json on the run directory (in-process; stdout captured)."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = eval_cli.main([run[0], "--json", "--batch-size", "3", "--decode-batch", "2",
-                              "--decode-context", "24"])
+        code = eval_cli.main(
+            [run[0], "--json", "--batch-size", "3", "--decode-batch", "2", "--decode-context", "24"]
+        )
     return code, out.getvalue()
 
 
@@ -116,13 +143,13 @@ def test_perplexity_and_bits_per_byte_match_an_independent_loop(cli_json, refere
     assert code == 0
     r = json.loads(stdout)
     N, nll = reference["N"], reference["nll"]
-    assert N == len(reference["raw"]) + 1            # every byte and the final end-of-text
+    assert N == len(reference["raw"]) + 1  # every byte and the final end-of-text
     assert r["tokens"] == N and r["whole_split"]
     assert r["nll_sum"] == pytest.approx(nll, rel=1e-5)
     assert r["perplexity"] == pytest.approx(math.exp(nll / N), rel=1e-5)
     assert r["bytes"] == len(reference["raw"])
     assert r["bits_per_byte"] == pytest.approx(nll / math.log(2) / len(reference["raw"]), rel=1e-5)
-    assert 1 < r["perplexity"] < 257                 # trained a little: better than uniform
+    assert 1 < r["perplexity"] < 257  # trained a little: better than uniform
 
 
 def test_summary_final_validation_equals_eval_py(run):
@@ -153,17 +180,21 @@ def test_max_batches_scores_a_prefix_and_counts_its_bytes(run, reference):
     r = evaluate_checkpoint(run[0], batch_size=2, max_batches=1, decode=False)
     assert r["tokens"] == 2 * T and not r["whole_split"]
     assert r["nll_sum"] == pytest.approx(sum(reference["per_window"][:2]), rel=1e-5)
-    prefix = reference["raw"][:2 * T]                # the first 2T tokens are bytes of the file
+    prefix = reference["raw"][: 2 * T]  # the first 2T tokens are bytes of the file
     assert r["bytes"] == 2 * T
     assert r["words"] == len(prefix.decode("utf-8", errors="replace").split())
 
 
 def test_cli_json_keys_and_run_dir_outputs(cli_json, run):
     code, stdout = cli_json
-    r = json.loads(stdout)                           # the whole of stdout is one JSON object
+    r = json.loads(stdout)  # the whole of stdout is one JSON object
     assert REQUIRED <= set(r)
-    assert {"bytes_per_token_per_layer", "bytes_per_token", "measured_bytes_per_token",
-            "naive_bytes_per_token"} <= set(r["kv_cache"])
+    assert {
+        "bytes_per_token_per_layer",
+        "bytes_per_token",
+        "measured_bytes_per_token",
+        "naive_bytes_per_token",
+    } <= set(r["kv_cache"])
     assert r["decode"]["batch"] == 2 and r["decode"]["context"] == 24 and r["decode"]["tokens_per_s"] > 0
     assert r["split"] == "valid" and r["step"] == 10
     # MLA latent: (kv_lora_rank 16 + rope 4) float32 values per layer, 2 layers
@@ -187,23 +218,28 @@ def _bad_checkpoint(run_dir, tmp_path):
     return bad
 
 
-@pytest.mark.parametrize("case,message", [
-    ("missing", "no such run directory or checkpoint"),
-    ("incompatible", "does not fit its config"),
-    ("no_data", "--data: no such file or directory"),
-    ("empty_data", "contains no text"),
-    ("no_test_split", "no data.test_path"),
-    ("budget", "--memory-budget='lots'"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing", "no such run directory or checkpoint"),
+        ("incompatible", "does not fit its config"),
+        ("no_data", "--data: no such file or directory"),
+        ("empty_data", "contains no text"),
+        ("no_test_split", "no data.test_path"),
+        ("budget", "--memory-budget='lots'"),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, case, message):
     run_dir = run[0]
     (tmp_path / "empty.txt").write_text("  \n")
-    argv = {"missing": [str(tmp_path / "nothing")],
-            "incompatible": [_bad_checkpoint(run_dir, tmp_path)],
-            "no_data": [run_dir, "--data", str(tmp_path / "nothing.txt")],
-            "empty_data": [run_dir, "--data", str(tmp_path / "empty.txt")],
-            "no_test_split": [run_dir, "--split", "test"],
-            "budget": [run_dir, "--memory-budget", "lots"]}[case]
+    argv = {
+        "missing": [str(tmp_path / "nothing")],
+        "incompatible": [_bad_checkpoint(run_dir, tmp_path)],
+        "no_data": [run_dir, "--data", str(tmp_path / "nothing.txt")],
+        "empty_data": [run_dir, "--data", str(tmp_path / "empty.txt")],
+        "no_test_split": [run_dir, "--split", "test"],
+        "budget": [run_dir, "--memory-budget", "lots"],
+    }[case]
     assert eval_cli.main(argv + ["--json", "--no-decode"]) == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -212,17 +248,27 @@ def test_bad_input_is_one_line_and_exit_2(run, tmp_path, capsys, case, message):
 
 def test_command_line_exit_code(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "eval.py"), str(tmp_path / "none")],
-                       capture_output=True, text=True, env=env)
+    p = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "eval.py"), str(tmp_path / "none")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert p.stderr == f"error: {tmp_path / 'none'}: no such run directory or checkpoint\n"
 
 
 # -- KV cache ----------------------------------------------------------------------------
 
+
 def _cfg(attention, dtype="float32"):
-    return from_dict({"model": dict(vocab_size=64, d_model=32, n_layers=2, ffn_dim=64, max_seq_len=64,
-                                    dtype=dtype), "attention": attention, "train": {"seq_len": 16}})
+    return from_dict(
+        {
+            "model": dict(vocab_size=64, d_model=32, n_layers=2, ffn_dim=64, max_seq_len=64, dtype=dtype),
+            "attention": attention,
+            "train": {"seq_len": 16},
+        }
+    )
 
 
 H = 16  # head dim
@@ -231,8 +277,11 @@ CASES = {  # attention config, hand-counted cache elements per token per layer, 
     "gqa": (dict(kind="gqa", n_heads=4, n_kv_heads=2, head_dim=H), 2 * 2 * H, 2 * 2 * H),
     "mqa": (dict(kind="mqa", n_heads=4, head_dim=H), 2 * H, 2 * H),
     # MLA with d_c = 4·d_h = 64 and d_r = d_h/2 = 8: 4.5·d_h = 72 elements; naive n_h·(d_n + d_r + d_v)
-    "mla": (dict(kind="mla", n_heads=4, kv_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=H,
-                 v_head_dim=H), 72, 4 * (16 + 8 + 16)),
+    "mla": (
+        dict(kind="mla", n_heads=4, kv_lora_rank=64, qk_rope_head_dim=8, qk_nope_head_dim=H, v_head_dim=H),
+        72,
+        4 * (16 + 8 + 16),
+    ),
 }
 
 
@@ -270,11 +319,12 @@ def test_max_context_for_a_budget():
 
 # -- text accounting -----------------------------------------------------------------------
 
+
 def test_bpe_tokens_spell_the_text_byte_for_byte():
     text = "naïve café — 日本語 text\n\tand   more 😀 words\n"
     tok = get_tokenizer("bpe", train_texts=[text * 20], vocab_size=300)
     ids = np.concatenate([tok.encode(text), [tok.eos_id], tok.encode("é")])
-    assert spelled_documents(ids, tok) == [text.encode("utf-8"), "é".encode("utf-8")]
+    assert spelled_documents(ids, tok) == [text.encode("utf-8"), "é".encode()]
 
 
 def test_non_utf8_text_follows_one_rule_for_training_and_evaluation(tmp_path):
@@ -283,6 +333,7 @@ def test_non_utf8_text_follows_one_rule_for_training_and_evaluation(tmp_path):
     BPE refuses naming the file, the byte tokenizer takes any bytes."""
     from mlalm.config import from_dict as cfg_from
     from mlalm.data import load_corpus
+
     text = "naïve café text\n" * 50
     tok = get_tokenizer("bpe", train_texts=[text], vocab_size=300)
     good, bad = tmp_path / "a.txt", tmp_path / "b.bin"
@@ -293,8 +344,16 @@ def test_non_utf8_text_follows_one_rule_for_training_and_evaluation(tmp_path):
     with pytest.raises(DataError, match="b.bin") as at_eval:
         tokenize_path(str(bad), tok, cache_dir=str(tmp_path / "cache"))
     tok.save(str(tmp_path / "tok"))
-    cfg = cfg_from({"data": {"path": str(bad), "val_path": str(good), "cache_dir": str(tmp_path / "cache2"),
-                             "tokenizer": str(tmp_path / "tok" / "tokenizer.json")}})
+    cfg = cfg_from(
+        {
+            "data": {
+                "path": str(bad),
+                "val_path": str(good),
+                "cache_dir": str(tmp_path / "cache2"),
+                "tokenizer": str(tmp_path / "tok" / "tokenizer.json"),
+            }
+        }
+    )
     with pytest.raises(DataError, match="b.bin") as at_training:
         load_corpus(cfg.data)
     assert "UTF-8" in str(at_eval.value) and "UTF-8" in str(at_training.value)

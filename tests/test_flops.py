@@ -9,18 +9,30 @@ import pytest
 from flax import nnx
 
 from mlalm.config import from_dict
-from mlalm.flops import (accelerator_peak, flops_per_token, macs_per_token, matmul_rate,
-                         traced_matmul_flops)
+from mlalm.flops import accelerator_peak, flops_per_token, macs_per_token, matmul_rate, traced_matmul_flops
 from mlalm.model import Transformer, count_params
 from mlalm.optim import build_optimizer
 from mlalm.train import init_state, make_train_step
 
 BASE = {
     "model": {"vocab_size": 64, "d_model": 32, "n_layers": 3, "ffn_dim": 48, "max_seq_len": 64},
-    "attention": {"kind": "mla", "n_heads": 2, "q_lora_rank": 12, "kv_lora_rank": 16,
-                  "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6},
-    "moe": {"n_routed_experts": 4, "n_shared_experts": 1, "top_k": 2, "expert_ffn_dim": 8,
-            "first_k_dense_replace": 1, "dispatch": "dropless"},
+    "attention": {
+        "kind": "mla",
+        "n_heads": 2,
+        "q_lora_rank": 12,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 6,
+    },
+    "moe": {
+        "n_routed_experts": 4,
+        "n_shared_experts": 1,
+        "top_k": 2,
+        "expert_ffn_dim": 8,
+        "first_k_dense_replace": 1,
+        "dispatch": "dropless",
+    },
     "train": {"seq_len": 32},
 }
 
@@ -64,8 +76,9 @@ def test_matmul_params_equal_active_params(case):
     cfg = make_cfg(case)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     params = nnx.state(model, nnx.Param)
-    norms = sum(x.size for p, x in jax.tree_util.tree_leaves_with_path(params)
-                if "scale" in jax.tree_util.keystr(p))
+    norms = sum(
+        x.size for p, x in jax.tree_util.tree_leaves_with_path(params) if "scale" in jax.tree_util.keystr(p)
+    )
     m = cfg.model
     embed = m.vocab_size * m.d_model
     active = count_params(model, active=True) - norms - embed + (embed if m.tie_embeddings else 0)
@@ -111,11 +124,13 @@ def test_traced_matmul_flops_basic():
     assert traced_matmul_flops(scanned, a) == 4 * 2 * (2 * 3 * 5 * 7)
     sizes = jnp.array([1, 2], jnp.int32)
     assert traced_matmul_flops(jax.lax.ragged_dot, a, jnp.ones((2, 5, 7)), sizes) == 2 * 3 * 5 * 7
+
     # the weight gradient of a grouped matmul ([M, K] x [M, N] -> [G, K, N], ragged
     # contraction): each of the M rows meets one group's weights only, so 2·M·K·N like
     # the forward, not G times that
     def grouped(x, w):
         return jnp.sum(jax.lax.ragged_dot(x, w, jnp.array([1, 2, 3], jnp.int32)))
+
     x, w = jnp.ones((6, 5)), jnp.ones((3, 5, 7))
     assert traced_matmul_flops(jax.grad(grouped, argnums=1), x, w) == 2 * (2 * 6 * 5 * 7)
     assert traced_matmul_flops(jax.grad(grouped, argnums=(0, 1)), x, w) == 3 * (2 * 6 * 5 * 7)
@@ -128,5 +143,5 @@ def test_peaks():
     # a rate is the n x n product's 2·n³ FLOPs over the timed seconds
     r = matmul_rate(n=64, repeats=3)
     assert len(r["seconds"]) == 3 and all(t > 0 for t in r["seconds"])
-    assert r["median"] == pytest.approx(2 * 64 ** 3 / statistics.median(r["seconds"]), rel=1e-12)
-    assert r["best"] == pytest.approx(2 * 64 ** 3 / min(r["seconds"]), rel=1e-12)
+    assert r["median"] == pytest.approx(2 * 64**3 / statistics.median(r["seconds"]), rel=1e-12)
+    assert r["best"] == pytest.approx(2 * 64**3 / min(r["seconds"]), rel=1e-12)

@@ -28,13 +28,28 @@ from flax import nnx
 
 from mlalm.config import from_dict
 from mlalm.data.tokenizers import ByteTokenizer
-from mlalm.generate import (cache_bytes, decode_step, filter_logits, generate, init_cache,
-                            measure_decode, prefill, sample)
+from mlalm.generate import (
+    cache_bytes,
+    decode_step,
+    filter_logits,
+    generate,
+    init_cache,
+    measure_decode,
+    prefill,
+    sample,
+)
 from mlalm.model import Transformer, kv_cache_bytes_per_token_per_layer
 
 V, D, L = 257, 32, 16  # vocab, width, reference buffer length
-MLA = dict(kind="mla", n_heads=4, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
-           qk_rope_head_dim=4, v_head_dim=6)
+MLA = dict(
+    kind="mla",
+    n_heads=4,
+    q_lora_rank=0,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=6,
+)
 ATTN = {
     "mha": dict(kind="mha", n_heads=4, head_dim=8),
     "gqa": dict(kind="gqa", n_heads=4, n_kv_heads=2, head_dim=8),
@@ -44,20 +59,28 @@ ATTN = {
     "mla_moe": dict(MLA, q_lora_rank=12),
 }
 # layer 0 dense, layer 1 MoE; dropless so that routing never depends on the batch
-MOE = dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_ffn_dim=16,
-           first_k_dense_replace=1, dispatch="dropless")
+MOE = dict(
+    n_routed_experts=8,
+    n_shared_experts=1,
+    top_k=2,
+    expert_ffn_dim=16,
+    first_k_dense_replace=1,
+    dispatch="dropless",
+)
 PROMPTS = [[5, 17, 200], [1, 2, 3, 250, 4, 99, 7]]  # different lengths, same batch
 N_NEW = 6
 MAX_LEN = 64  # what generate() allocates for these prompts, so compilations are shared
 
 
 def make_cfg(name, **over):
-    model = dict(vocab_size=V, d_model=D, n_layers=2, ffn_dim=64, max_seq_len=32,
-                 init_std=0.1, rope_theta=500.0)
+    model = dict(
+        vocab_size=V, d_model=D, n_layers=2, ffn_dim=64, max_seq_len=32, init_std=0.1, rope_theta=500.0
+    )
     model.update(over.pop("model", {}))
     attn = dict(ATTN[name], **over.pop("attention", {}))
-    return from_dict({"model": model, "attention": attn,
-                      "moe": MOE if name == "mla_moe" else {}, "train": {"seq_len": 16}})
+    return from_dict(
+        {"model": model, "attention": attn, "moe": MOE if name == "mla_moe" else {}, "train": {"seq_len": 16}}
+    )
 
 
 def build(cfg, seed=0):
@@ -84,13 +107,13 @@ def recompute_greedy(model, prompts, n_new):
     for _ in range(n_new):
         buf = np.zeros((len(seqs), L), np.int32)
         for b, s in enumerate(seqs):
-            buf[b, :len(s)] = s
+            buf[b, : len(s)] = s
         full = np.asarray(forward(state, jnp.asarray(buf)))
         last = np.stack([full[b, len(s) - 1] for b, s in enumerate(seqs)])
         logits.append(last)
         for b, s in enumerate(seqs):
             s.append(int(np.argmax(last[b])))
-    return [s[len(p):] for s, p in zip(seqs, prompts)], np.stack(logits)
+    return [s[len(p) :] for s, p in zip(seqs, prompts)], np.stack(logits)
 
 
 def cached_greedy(model, prompts, n_new, *, absorbed=True, max_len=MAX_LEN):
@@ -98,7 +121,7 @@ def cached_greedy(model, prompts, n_new, *, absorbed=True, max_len=MAX_LEN):
     lengths = [len(p) for p in prompts]
     tokens = np.zeros((len(prompts), 8), np.int32)
     for b, p in enumerate(prompts):
-        tokens[b, :len(p)] = p
+        tokens[b, : len(p)] = p
     cache = init_cache(model, len(prompts), max_len, absorbed=absorbed)
     step_logits, cache = prefill(model, cache, tokens, lengths)
     logits = [np.asarray(step_logits)]
@@ -129,6 +152,7 @@ def reference_for(name):
 # Cached decoding = full recomputation
 # ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(ATTN))
 def test_cached_greedy_equals_full_recompute(name):
     model = model_for(name)
@@ -151,10 +175,10 @@ def test_absorbed_equals_expanded_cache():
 def test_pallas_decode_equals_xla(monkeypatch):
     """impl='pallas' decodes with mla_decode (interpret mode on CPU): same logits."""
     import mlalm.kernels
+
     calls = []
     kernel = mlalm.kernels.mla_decode
-    monkeypatch.setattr(mlalm.kernels, "mla_decode",
-                        lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    monkeypatch.setattr(mlalm.kernels, "mla_decode", lambda *a, **k: calls.append(1) or kernel(*a, **k))
     model = build(make_cfg("mla", attention={"impl": "pallas"}))
     ref_tokens, ref_logits = reference_for("mla")  # same weights, impl='xla'
     tokens, logits = cached_greedy(model, PROMPTS, N_NEW, max_len=128)
@@ -190,16 +214,20 @@ def test_top_k_1_is_greedy_and_eos_stops_a_row():
 # Cache sizes
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,absorbed,dtype,expected", [
-    ("mha", True, "float32", 2 * 4 * 8 * 4),          # 2·n_h·d_h·b
-    ("gqa", True, "float32", 2 * 2 * 8 * 4),          # 2·n_kv·d_h·b
-    ("mqa", True, "float32", 2 * 8 * 4),              # 2·d_h·b
-    ("mla", True, "float32", (16 + 4) * 4),           # (d_c + d_r)·b
-    ("mla", False, "float32", 4 * (8 + 4 + 6) * 4),   # n_h·(d_n + d_r + d_v)·b
-    ("mla", True, "bfloat16", (16 + 4) * 2),
-    ("mla", False, "bfloat16", 4 * (8 + 4 + 6) * 2),
-    ("gqa", True, "bfloat16", 2 * 2 * 8 * 2),
-])
+
+@pytest.mark.parametrize(
+    "name,absorbed,dtype,expected",
+    [
+        ("mha", True, "float32", 2 * 4 * 8 * 4),  # 2·n_h·d_h·b
+        ("gqa", True, "float32", 2 * 2 * 8 * 4),  # 2·n_kv·d_h·b
+        ("mqa", True, "float32", 2 * 8 * 4),  # 2·d_h·b
+        ("mla", True, "float32", (16 + 4) * 4),  # (d_c + d_r)·b
+        ("mla", False, "float32", 4 * (8 + 4 + 6) * 4),  # n_h·(d_n + d_r + d_v)·b
+        ("mla", True, "bfloat16", (16 + 4) * 2),
+        ("mla", False, "bfloat16", 4 * (8 + 4 + 6) * 2),
+        ("gqa", True, "bfloat16", 2 * 2 * 8 * 2),
+    ],
+)
 def test_cache_bytes_per_token_per_layer(name, absorbed, dtype, expected):
     cfg = make_cfg(name, model={"dtype": dtype})
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
@@ -222,6 +250,7 @@ def test_measure_decode_beyond_max_seq_len():
 # Sampling
 # ---------------------------------------------------------------------------------------
 
+
 def nucleus_reference(logits, top_k, top_p):
     """numpy: indices kept by top-k then top-p (smallest prefix reaching top_p)."""
     order = np.argsort(-logits, kind="stable")
@@ -241,17 +270,18 @@ def nucleus_reference(logits, top_k, top_p):
 _filter = jax.jit(filter_logits)
 
 
-@pytest.mark.parametrize("top_k,top_p", [(0, 0.5), (0, 0.9), (0, 0.999), (5, 0.9),
-                                         (3, 1.0), (0, 1e-3), (12, 0.75)])
+@pytest.mark.parametrize(
+    "top_k,top_p", [(0, 0.5), (0, 0.9), (0, 0.999), (5, 0.9), (3, 1.0), (0, 1e-3), (12, 0.75)]
+)
 def test_filter_logits_matches_numpy(top_k, top_p):
     logits = np.random.default_rng(1).normal(0, 2, 40).astype(np.float32)
     kept = np.isfinite(np.asarray(_filter(logits, top_k, top_p)))
-    assert set(np.flatnonzero(kept).tolist()) == nucleus_reference(logits.astype(np.float64),
-                                                                   top_k, top_p)
+    assert set(np.flatnonzero(kept).tolist()) == nucleus_reference(logits.astype(np.float64), top_k, top_p)
 
 
-_sample_many = jax.jit(lambda key, logits, t, k, p: sample(
-    key, jnp.broadcast_to(logits, (20000,) + logits.shape), t, k, p))
+_sample_many = jax.jit(
+    lambda key, logits, t, k, p: sample(key, jnp.broadcast_to(logits, (20000,) + logits.shape), t, k, p)
+)
 
 
 def test_top_p_samples_stay_in_nucleus():
@@ -263,8 +293,7 @@ def test_top_p_samples_stay_in_nucleus():
 
 
 def test_temperature_frequencies_match_softmax():
-    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -0.2, 0.3, 1.5, -2.0, 0.1, 0.7, -0.5],
-                      np.float32)
+    logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -0.2, 0.3, 1.5, -2.0, 0.1, 0.7, -0.5], np.float32)
     T = 0.7
     draws = np.asarray(_sample_many(jax.random.key(1), logits, T, 0, 1.0))
     freq = np.bincount(draws, minlength=len(logits)) / draws.size
@@ -278,6 +307,7 @@ def test_temperature_frequencies_match_softmax():
 
 def test_bad_sampling_arguments():
     from mlalm.errors import ConfigError, DataError
+
     model = model_for("mla")
     for kw in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-1.0), dict(top_k=-2)):
         with pytest.raises(ConfigError):
@@ -293,10 +323,14 @@ def test_generate_refuses_to_run_past_max_seq_len():
     26 would put the sequence at 33 positions."""
     from mlalm.errors import ConfigError
     from mlalm.generate import generate_text
+
     model = model_for("mla")
     assert model.cfg.model.max_seq_len == 32 and max(map(len, PROMPTS)) == 7
-    with pytest.raises(ConfigError, match=r"prompt of 7 tokens \+ max_new_tokens=26 = 33 exceeds "
-                                          r"the model's max_seq_len=32: use max_new_tokens <= 25"):
+    with pytest.raises(
+        ConfigError,
+        match=r"prompt of 7 tokens \+ max_new_tokens=26 = 33 exceeds "
+        r"the model's max_seq_len=32: use max_new_tokens <= 25",
+    ):
         generate(model, PROMPTS, 26)
     out = generate(model, PROMPTS, 25)
     assert [len(o) for o in out] == [25, 25]
@@ -337,9 +371,9 @@ def test_programs_compile_once_per_model_structure(name, monkeypatch):
 # scripts/generate.py
 # ---------------------------------------------------------------------------------------
 
+
 def _load_script():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "scripts", "generate.py")
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "generate.py")
     spec = importlib.util.spec_from_file_location("generate_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -361,8 +395,7 @@ def test_script_streams_and_reports_errors(monkeypatch, capsys, tmp_path):
     expected = tok.decode([t for t in new if t != tok.eos_id])
     assert capsys.readouterr().out == prompt + expected + "\n"
 
-    assert script.main([str(tmp_path), "--prompt", "a", "--prompt", "bcd",
-                        "--max-new-tokens", "3"]) == 0
+    assert script.main([str(tmp_path), "--prompt", "a", "--prompt", "bcd", "--max-new-tokens", "3"]) == 0
     out = capsys.readouterr().out
     assert "--- [0] ---\na" in out and "--- [1] ---\nbcd" in out
 

@@ -17,27 +17,65 @@ from mlalm.config import from_dict  # noqa: E402
 from mlalm.hf import config_to_hf, from_pretrained, save_pretrained  # noqa: E402
 from mlalm.model import Transformer  # noqa: E402
 
-BASE = dict(vocab_size=97, hidden_size=48, intermediate_size=80, moe_intermediate_size=24,
-            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4,
-            kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10,
-            max_position_embeddings=64, rms_norm_eps=1e-6, hidden_act="silu",
-            attention_bias=False, tie_word_embeddings=False, rope_interleave=True)
+BASE = dict(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    moe_intermediate_size=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    kv_lora_rank=20,
+    qk_nope_head_dim=12,
+    qk_rope_head_dim=8,
+    v_head_dim=10,
+    max_position_embeddings=64,
+    rms_norm_eps=1e-6,
+    hidden_act="silu",
+    attention_bias=False,
+    tie_word_embeddings=False,
+    rope_interleave=True,
+)
 
 CASES = {
     # q LoRA on, group-limited routing, one dense layer, norm_topk_prob on, scaling 2.5
-    "qlora_groups": dict(q_lora_rank=16, n_routed_experts=8, n_shared_experts=1,
-                         num_experts_per_tok=3, n_group=4, topk_group=2, first_k_dense_replace=1,
-                         norm_topk_prob=True, routed_scaling_factor=2.5),
+    "qlora_groups": dict(
+        q_lora_rank=16,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        first_k_dense_replace=1,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+    ),
     # q LoRA off, no groups, two dense layers, norm_topk_prob off, two shared experts
-    "noqlora_plain": dict(q_lora_rank=None, n_routed_experts=6, n_shared_experts=2,
-                          num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=2,
-                          norm_topk_prob=False, routed_scaling_factor=1.7),
+    "noqlora_plain": dict(
+        q_lora_rank=None,
+        n_routed_experts=6,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=2,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.7,
+    ),
     # q LoRA on, groups, no dense layer, tied embeddings, non-interleaved rope declared
-    "tied_noninterleaved": dict(q_lora_rank=24, n_routed_experts=8, n_shared_experts=1,
-                                num_experts_per_tok=2, n_group=2, topk_group=1,
-                                first_k_dense_replace=0, norm_topk_prob=True,
-                                routed_scaling_factor=0.8, tie_word_embeddings=True,
-                                rope_interleave=False),
+    "tied_noninterleaved": dict(
+        q_lora_rank=24,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        first_k_dense_replace=0,
+        norm_topk_prob=True,
+        routed_scaling_factor=0.8,
+        tie_word_embeddings=True,
+        rope_interleave=False,
+    ),
 }
 
 
@@ -84,17 +122,33 @@ def test_logits_equal_transformers(case, tokens, tmp_path):
 def test_round_trip_through_transformers(case, tokens, tmp_path):
     """mlalm (random init) -> save_pretrained -> transformers gives mlalm's logits."""
     c = CASES[case]
-    cfg = from_dict({
-        "model": dict(vocab_size=97, d_model=48, n_layers=3, ffn_dim=80, max_seq_len=64),
-        "attention": dict(kind="mla", n_heads=4, q_lora_rank=c["q_lora_rank"] or 0,
-                          kv_lora_rank=20, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=10),
-        "moe": dict(n_routed_experts=c["n_routed_experts"], n_shared_experts=c["n_shared_experts"],
-                    top_k=c["num_experts_per_tok"], expert_ffn_dim=24, n_group=c["n_group"],
-                    topk_group=c["topk_group"], first_k_dense_replace=c["first_k_dense_replace"],
-                    norm_topk_prob=c["norm_topk_prob"],
-                    routed_scaling_factor=c["routed_scaling_factor"], dispatch="dropless"),
-        "train": dict(seq_len=32),
-    })
+    cfg = from_dict(
+        {
+            "model": dict(vocab_size=97, d_model=48, n_layers=3, ffn_dim=80, max_seq_len=64),
+            "attention": dict(
+                kind="mla",
+                n_heads=4,
+                q_lora_rank=c["q_lora_rank"] or 0,
+                kv_lora_rank=20,
+                qk_nope_head_dim=12,
+                qk_rope_head_dim=8,
+                v_head_dim=10,
+            ),
+            "moe": dict(
+                n_routed_experts=c["n_routed_experts"],
+                n_shared_experts=c["n_shared_experts"],
+                top_k=c["num_experts_per_tok"],
+                expert_ffn_dim=24,
+                n_group=c["n_group"],
+                topk_group=c["topk_group"],
+                first_k_dense_replace=c["first_k_dense_replace"],
+                norm_topk_prob=c["norm_topk_prob"],
+                routed_scaling_factor=c["routed_scaling_factor"],
+                dispatch="dropless",
+            ),
+            "train": dict(seq_len=32),
+        }
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(3))
     for moe in model.moe_layers():  # a non-zero bias must survive the trip
         moe.bias_E.set_value(jnp.linspace(-0.05, 0.05, moe.n_experts))
@@ -111,11 +165,14 @@ def test_round_trip_through_transformers(case, tokens, tmp_path):
     np.testing.assert_array_equal(np.asarray(model2(jnp.asarray(tokens))), ours)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"attention": {"kind": "gqa", "n_kv_heads": 2}}, "only expresses MLA"),
-    ({"attention": {"kind": "mha"}}, "only expresses MLA"),
-    ({"moe": {"n_routed_experts": 4, "n_shared_experts": 0}}, "shared expert"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"attention": {"kind": "gqa", "n_kv_heads": 2}}, "only expresses MLA"),
+        ({"attention": {"kind": "mha"}}, "only expresses MLA"),
+        ({"moe": {"n_routed_experts": 4, "n_shared_experts": 0}}, "shared expert"),
+    ],
+)
 def test_inexpressible_config_is_refused(overrides, message):
     cfg = from_dict({"model": {"vocab_size": 50}, **overrides})
     with pytest.raises(ConfigError, match=message):
@@ -137,19 +194,45 @@ EOS = 96  # any id of the 97-token vocabulary
 
 def _cfg(scoring, **over):
     """A small MoE config with every value the expectations below spell out."""
-    moe = dict(n_routed_experts=8, n_shared_experts=2, top_k=3, expert_ffn_dim=24,
-               first_k_dense_replace=1, scoring=scoring, norm_topk_prob=True,
-               routed_scaling_factor=2.5, dispatch="dropless")
+    moe = dict(
+        n_routed_experts=8,
+        n_shared_experts=2,
+        top_k=3,
+        expert_ffn_dim=24,
+        first_k_dense_replace=1,
+        scoring=scoring,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        dispatch="dropless",
+    )
     if scoring == "sigmoid":
         moe.update(n_group=4, topk_group=2)
     moe.update(over.pop("moe", {}))
-    return from_dict({
-        "model": dict(vocab_size=97, d_model=48, n_layers=3, ffn_dim=80, max_seq_len=64,
-                      norm_eps=1e-5, rope_theta=5000.0, **over.pop("model", {})),
-        "attention": dict(kind="mla", n_heads=4, kv_lora_rank=20, qk_nope_head_dim=12,
-                          qk_rope_head_dim=8, v_head_dim=10, **over.pop("attention", {})),
-        "moe": moe, "train": dict(seq_len=32),
-    })
+    return from_dict(
+        {
+            "model": dict(
+                vocab_size=97,
+                d_model=48,
+                n_layers=3,
+                ffn_dim=80,
+                max_seq_len=64,
+                norm_eps=1e-5,
+                rope_theta=5000.0,
+                **over.pop("model", {}),
+            ),
+            "attention": dict(
+                kind="mla",
+                n_heads=4,
+                kv_lora_rank=20,
+                qk_nope_head_dim=12,
+                qk_rope_head_dim=8,
+                v_head_dim=10,
+                **over.pop("attention", {}),
+            ),
+            "moe": moe,
+            "train": dict(seq_len=32),
+        }
+    )
 
 
 # What DeepSeek-V3's config.json says for the same keys, with this model's values; the
@@ -158,31 +241,85 @@ def _cfg(scoring, **over):
 # as noaux_tc (the bias is applied to the softmax scores); softmax without a bias is
 # DeepSeek-V2-Lite's greedy (top-k of softmax, no groups).
 COMMON = {
-    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
-    "vocab_size": 97, "hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 3,
-    "num_attention_heads": 4, "num_key_value_heads": 4, "kv_lora_rank": 20,
-    "qk_nope_head_dim": 12, "qk_rope_head_dim": 8, "v_head_dim": 10,
-    "n_routed_experts": 8, "n_shared_experts": 2, "num_experts_per_tok": 3,
-    "moe_intermediate_size": 24, "first_k_dense_replace": 1, "moe_layer_freq": 1,
-    "norm_topk_prob": True, "routed_scaling_factor": 2.5, "hidden_act": "silu",
-    "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 5000.0,
-    "rope_interleave": True, "tie_word_embeddings": False, "attention_bias": False,
-    "num_nextn_predict_layers": 0, "torch_dtype": "float32", "dtype": "float32",
-    "bos_token_id": None, "eos_token_id": EOS, "pad_token_id": None,
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 97,
+    "hidden_size": 48,
+    "intermediate_size": 80,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "kv_lora_rank": 20,
+    "qk_nope_head_dim": 12,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 10,
+    "n_routed_experts": 8,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 3,
+    "moe_intermediate_size": 24,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "hidden_act": "silu",
+    "max_position_embeddings": 64,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 5000.0,
+    "rope_interleave": True,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "num_nextn_predict_layers": 0,
+    "torch_dtype": "float32",
+    "dtype": "float32",
+    "bos_token_id": None,
+    "eos_token_id": EOS,
+    "pad_token_id": None,
 }
 ROUTING = {
-    "sigmoid": dict(scoring="sigmoid", bias=True, keys={
-        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
-        "q_lora_rank": 16}),
-    "sigmoid_zero_bias": dict(scoring="sigmoid", bias=False, keys={
-        "scoring_func": "sigmoid", "topk_method": "noaux_tc", "n_group": 4, "topk_group": 2,
-        "q_lora_rank": 16}),
-    "softmax_bias": dict(scoring="softmax", bias=True, keys={
-        "scoring_func": "softmax", "topk_method": "noaux_tc", "n_group": 1, "topk_group": 1,
-        "q_lora_rank": None}),
-    "softmax_no_bias": dict(scoring="softmax", bias=False, keys={
-        "scoring_func": "softmax", "topk_method": "greedy", "n_group": 1, "topk_group": 1,
-        "q_lora_rank": None}),
+    "sigmoid": dict(
+        scoring="sigmoid",
+        bias=True,
+        keys={
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "n_group": 4,
+            "topk_group": 2,
+            "q_lora_rank": 16,
+        },
+    ),
+    "sigmoid_zero_bias": dict(
+        scoring="sigmoid",
+        bias=False,
+        keys={
+            "scoring_func": "sigmoid",
+            "topk_method": "noaux_tc",
+            "n_group": 4,
+            "topk_group": 2,
+            "q_lora_rank": 16,
+        },
+    ),
+    "softmax_bias": dict(
+        scoring="softmax",
+        bias=True,
+        keys={
+            "scoring_func": "softmax",
+            "topk_method": "noaux_tc",
+            "n_group": 1,
+            "topk_group": 1,
+            "q_lora_rank": None,
+        },
+    ),
+    "softmax_no_bias": dict(
+        scoring="softmax",
+        bias=False,
+        keys={
+            "scoring_func": "softmax",
+            "topk_method": "greedy",
+            "n_group": 1,
+            "topk_group": 1,
+            "q_lora_rank": None,
+        },
+    ),
 }
 
 
@@ -218,11 +355,11 @@ def _engine_routing(x_ND, hf, gate_ED, bias_E):
     else:
         choice = s
         group_score = choice.reshape(N, G, E // G).max(-1)
-    keep_groups = np.argsort(-group_score, axis=-1)[:, :hf["topk_group"]]
+    keep_groups = np.argsort(-group_score, axis=-1)[:, : hf["topk_group"]]
     allowed = np.zeros((N, G), bool)
     np.put_along_axis(allowed, keep_groups, True, axis=-1)
     choice = np.where(np.repeat(allowed, E // G, axis=-1), choice, -np.inf)
-    idx = np.argsort(-choice, axis=-1)[:, :hf["num_experts_per_tok"]]
+    idx = np.argsort(-choice, axis=-1)[:, : hf["num_experts_per_tok"]]
     w = np.take_along_axis(s, idx, axis=-1)
     if hf["norm_topk_prob"]:
         w = w / w.sum(-1, keepdims=True)
@@ -236,7 +373,9 @@ def test_config_json_describes_the_routing(case, tmp_path):
     """Every key engines read has this model's value, and the routing an engine builds from
     config.json + the file's tensors is mlalm's routing; mlalm reads the export back."""
     from safetensors import safe_open
+
     from mlalm.model.moe import route
+
     model, cfg = _routed_model(case)
     if case.startswith("softmax"):
         with pytest.warns(UserWarning, match="DeepseekV3ForCausalLM always routes with sigmoid"):
@@ -257,8 +396,12 @@ def test_config_json_describes_the_routing(case, tmp_path):
             bias = f.get_tensor(bias_key).astype(np.float64) if bias_key in keys else None
             gate = f.get_tensor(f"model.layers.{layer}.mlp.gate.weight").astype(np.float64)
             ref = _engine_routing(x, hf, gate, bias)
-            idx, w, _ = route(jnp.asarray(x, jnp.float32), moe.w_router_DE[...], moe.bias_E[...],
-                              **dataclasses.asdict(moe.routing))
+            idx, w, _ = route(
+                jnp.asarray(x, jnp.float32),
+                moe.w_router_DE[...],
+                moe.bias_E[...],
+                **dataclasses.asdict(moe.routing),
+            )
             ours = np.zeros_like(ref)
             np.put_along_axis(ours, np.asarray(idx), np.asarray(w, np.float64), axis=-1)
             np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=0)
@@ -266,8 +409,9 @@ def test_config_json_describes_the_routing(case, tmp_path):
     model2, cfg2 = from_pretrained(str(tmp_path))
     assert cfg2.moe.scoring == cfg.moe.scoring and cfg2.model == cfg.model
     tokens = np.random.default_rng(0).integers(0, 97, size=(2, 16))
-    np.testing.assert_array_equal(np.asarray(model2(jnp.asarray(tokens))),
-                                  np.asarray(model(jnp.asarray(tokens))))
+    np.testing.assert_array_equal(
+        np.asarray(model2(jnp.asarray(tokens))), np.asarray(model(jnp.asarray(tokens)))
+    )
 
 
 def test_sigmoid_export_without_routing_keys_would_be_misread():
@@ -322,12 +466,14 @@ def test_transformers_generate_stops_at_eos(with_ids, tmp_path):
     if with_ids:
         assert json.load(open(tmp_path / "generation_config.json")) == {"eos_token_id": EOS}
     hf, info = transformers.DeepseekV3ForCausalLM.from_pretrained(
-        str(tmp_path), attn_implementation="eager", output_loading_info=True)
+        str(tmp_path), attn_implementation="eager", output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     hf.eval()
     with torch.no_grad():
-        out = hf.generate(torch.tensor([CHAIN[:1]]), max_new_tokens=8, do_sample=False,
-                          pad_token_id=EOS)[0].tolist()
+        out = hf.generate(torch.tensor([CHAIN[:1]]), max_new_tokens=8, do_sample=False, pad_token_id=EOS)[
+            0
+        ].tolist()
     if with_ids:
         assert out == CHAIN
     else:  # the control: without the id the rigged model runs on past EOS
@@ -338,10 +484,12 @@ def test_transformers_generate_stops_at_eos(with_ids, tmp_path):
 # File modes
 # ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)], ids=["umask022", "umask027"])
 def test_export_files_get_normal_permissions(umask, mode, tmp_path):
     import os
     import stat
+
     model, cfg = _routed_model("sigmoid")
     old = os.umask(umask)
     try:
@@ -356,19 +504,30 @@ def test_export_files_get_normal_permissions(umask, mode, tmp_path):
 # from_pretrained checks shapes before allocating
 # ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tamper, message", [
-    ({"vocab_size": 10_000_000},
-     r"tensor 'model.embed_tokens.weight' has shape \[97, 48\] in model.safetensors, "
-     r"config.json implies \[10000000, 48\]"),
-    ({"kv_lora_rank": 21},
-     r"tensor 'model.layers.0.self_attn.kv_a_proj_with_mqa.weight' has shape \[28, 48\] "
-     r"in model.safetensors, config.json implies \[29, 48\]"),
-    ({"moe_intermediate_size": 4096},
-     r"tensor 'model.layers.1.mlp.experts.0.gate_proj.weight' has shape \[24, 48\] "
-     r"in model.safetensors, config.json implies \[4096, 48\]"),
-])
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (
+            {"vocab_size": 10_000_000},
+            r"tensor 'model.embed_tokens.weight' has shape \[97, 48\] in model.safetensors, "
+            r"config.json implies \[10000000, 48\]",
+        ),
+        (
+            {"kv_lora_rank": 21},
+            r"tensor 'model.layers.0.self_attn.kv_a_proj_with_mqa.weight' has shape \[28, 48\] "
+            r"in model.safetensors, config.json implies \[29, 48\]",
+        ),
+        (
+            {"moe_intermediate_size": 4096},
+            r"tensor 'model.layers.1.mlp.experts.0.gate_proj.weight' has shape \[24, 48\] "
+            r"in model.safetensors, config.json implies \[4096, 48\]",
+        ),
+    ],
+)
 def test_tampered_config_fails_before_building_the_model(tamper, message, tmp_path, monkeypatch):
     import mlalm.model
+
     model, cfg = _routed_model("sigmoid")
     save_pretrained(model, cfg, str(tmp_path))
     hf = json.load(open(tmp_path / "config.json"))
@@ -383,6 +542,7 @@ def test_tampered_config_fails_before_building_the_model(tamper, message, tmp_pa
 
 def test_missing_tensor_is_named(tmp_path):
     from safetensors.numpy import load_file, save_file
+
     model, cfg = _routed_model("sigmoid")
     save_pretrained(model, cfg, str(tmp_path))
     tensors = load_file(str(tmp_path / "model.safetensors"))

@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mlalm.kernels import (BlockSizes, attention_reference, flash_attention, mla_decode,
-                           mla_decode_reference)
+from mlalm.kernels import BlockSizes, attention_reference, flash_attention, mla_decode, mla_decode_reference
 from mlalm.model.attention import attention_core
 from numerics import as_f64, assert_close, err, float64_ops, term_scale
 
@@ -29,6 +28,7 @@ def randn(rng, shape, dtype, scale=1.0):
 
 
 # ------------------------------------------------------------------ numpy references
+
 
 def np_attention(q, k, v, do, *, causal, scale):
     """Output and (dq, dk, dv) of softmax(scale·q kᵀ) v per head, in float64.
@@ -97,10 +97,8 @@ def np_mla_full(q_nope, q_pe, c_kv, k_pe, w_kvb, lengths, *, dn, scale):
 # ------------------------------------------------------------------ flash attention
 
 SMALL = BlockSizes(16, 16, 16, 16, 16, 16)
-MIXED = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32,
-                   block_q_dkv=32, block_k_dkv=16)
-MIXED2 = BlockSizes(block_q=64, block_k=32, block_q_dq=32, block_k_dq=64,
-                    block_q_dkv=16, block_k_dkv=128)
+MIXED = BlockSizes(block_q=32, block_k=16, block_q_dq=16, block_k_dq=32, block_q_dkv=32, block_k_dkv=16)
+MIXED2 = BlockSizes(block_q=64, block_k=32, block_q_dq=32, block_k_dq=64, block_q_dkv=16, block_k_dkv=128)
 LARGE = BlockSizes(*(256,) * 6)
 
 # (B, T, S, N, K, H, G, causal, blocks, dtype): every N/K in {1,2,4,8}, H != G and H == G,
@@ -115,8 +113,8 @@ CASES = [
     (1, 200, 200, 8, 2, 24, 16, True, MIXED2, "float32"),
     (1, 200, 200, 8, 4, 24, 16, False, LARGE, "float32"),
     (1, 200, 200, 4, 4, 16, 16, True, None, "float32"),
-    (1, 17, 40, 4, 2, 24, 16, True, SMALL, "float32"),     # queries are the last 17
-    (1, 40, 17, 4, 1, 16, 16, True, SMALL, "float32"),     # first 23 queries see nothing
+    (1, 17, 40, 4, 2, 24, 16, True, SMALL, "float32"),  # queries are the last 17
+    (1, 40, 17, 4, 1, 16, 16, True, SMALL, "float32"),  # first 23 queries see nothing
     (1, 17, 40, 4, 4, 24, 32, False, None, "float32"),
     (1, 128, 128, 8, 2, 24, 16, True, SMALL, "bfloat16"),
     (1, 200, 200, 8, 8, 16, 16, False, None, "bfloat16"),
@@ -147,8 +145,7 @@ def _flash_fwd_bwd(case):
     causal, bs = case[7], case[8]
 
     def fwd_bwd(q, k, v, do):
-        f = lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=bs,
-                                            return_max_logit=True)
+        f = lambda q, k, v: flash_attention(q, k, v, causal=causal, block_sizes=bs, return_max_logit=True)
         o, vjp, max_logit = jax.vjp(f, q, k, v, has_aux=True)
         return o, vjp(do), max_logit
 
@@ -158,8 +155,7 @@ def _flash_fwd_bwd(case):
 def _flash_errors(case, o, grads, max_logit, ref):
     """{name: err} of the kernel's results against np_attention's (with its floors)."""
     o_ref, grads_ref, max_logit_ref, floor = ref
-    errs = {"o": err(o, o_ref, floor["o"]),
-            "max_logit": err(max_logit, max_logit_ref, floor["max_logit"])}
+    errs = {"o": err(o, o_ref, floor["o"]), "max_logit": err(max_logit, max_logit_ref, floor["max_logit"])}
     for name, g, g_ref in zip(("dq", "dk", "dv"), grads, grads_ref):
         errs[name] = err(g, g_ref, floor[name])
     return errs
@@ -169,7 +165,7 @@ def _check_flash_case(case, expect_dtype):
     (q, k, v, do), x64s = _flash_inputs(case)
     B, T, S, N, K, H, G, causal, bs, dt = case
     o, grads, max_logit = jax.jit(_flash_fwd_bwd(case))(q, k, v, do)
-    ref = np_attention(*x64s, causal=causal, scale=H ** -0.5)
+    ref = np_attention(*x64s, causal=causal, scale=H**-0.5)
     assert o.shape == (B, T, N, G) and o.dtype == expect_dtype
     assert max_logit.shape == (N,) and max_logit.dtype == jnp.float32
     for g, x in zip(grads, (q, k, v)):
@@ -191,8 +187,7 @@ def test_check_is_sensitive_to_the_mask():
     k, k64 = randn(rng, (1, 17, 1, 16), jnp.float32)
     v, v64 = randn(rng, (1, 17, 1, 16), jnp.float32)
     o = flash_attention(q, k, v, causal=True)
-    o_full, _, _, floor = np_attention(q64, k64, v64, np.zeros((1, 17, 2, 16)), causal=False,
-                                       scale=0.25)
+    o_full, _, _, floor = np_attention(q64, k64, v64, np.zeros((1, 17, 2, 16)), causal=False, scale=0.25)
     assert err(o, o_full, floor["o"]) > 1e-2
 
 
@@ -210,8 +205,9 @@ def test_error_floor_still_rejects_wrong_gradients():
     assert max(_flash_errors(case, o, (dq, dk, dv), max_logit, ref).values()) <= TOL["float32"]
     # dS without its -δ term (dq = c·(dO·v)·k): exactly what a dropped δ would give
     c, g = case[5] ** -0.5, case[3] // case[4]
-    dq_no_delta = c * np.einsum("btng,btng->btn", do64, np.repeat(v64, g, 2))[..., None] \
-        * np.repeat(k64, g, 2)
+    dq_no_delta = (
+        c * np.einsum("btng,btng->btn", do64, np.repeat(v64, g, 2))[..., None] * np.repeat(k64, g, 2)
+    )
     assert err(dq_no_delta, dq_ref, floor["dq"]) > 0.1
     # a nudge of 10·TOL of the floor at one entry fails, in dq and in dk
     for x, x_ref, name in ((dq, dq_ref, "dq"), (dk, dk_ref, "dk")):
@@ -225,8 +221,7 @@ def test_error_floor_still_rejects_wrong_gradients():
     ref = np_attention(*x64s, causal=case[7], scale=case[5] ** -0.5)
     assert max(_flash_errors(case, o, grads, max_logit, ref).values()) <= TOL["float32"]
     scaled = [as_f64(g) * (1 + 1e-3) for g in grads]
-    errs = _flash_errors(case, as_f64(o) * (1 + 1e-3), scaled, as_f64(max_logit) * (1 + 1e-3),
-                         ref)
+    errs = _flash_errors(case, as_f64(o) * (1 + 1e-3), scaled, as_f64(max_logit) * (1 + 1e-3), ref)
     assert min(errs.values()) > TOL["float32"], errs
 
 
@@ -260,8 +255,7 @@ def test_jnp_reference_and_attention_core_agree(causal):
     q, q64 = randn(rng, (2, 33, 6, 24), jnp.float32)
     k, k64 = randn(rng, (2, 33, 3, 24), jnp.float32)
     v, v64 = randn(rng, (2, 33, 3, 8), jnp.float32)
-    o_ref, _, max_ref, floor = np_attention(q64, k64, v64, np.zeros((2, 33, 6, 8)),
-                                            causal=causal, scale=0.3)
+    o_ref, _, max_ref, floor = np_attention(q64, k64, v64, np.zeros((2, 33, 6, 8)), causal=causal, scale=0.3)
     o, mx = attention_reference(q, k, v, causal=causal, sm_scale=0.3, return_max_logit=True)
     assert_close(o, o_ref, rtol=2e-5, scale=floor["o"], what="attention_reference o")
     assert_close(mx, max_ref, rtol=2e-5, scale=floor["max_logit"], what="max_logit")
@@ -269,18 +263,26 @@ def test_jnp_reference_and_attention_core_agree(causal):
     assert_close(core_max, max_ref, rtol=2e-5, scale=floor["max_logit"], what="core max_logit")
     assert_close(core, o_ref, rtol=2e-5, scale=floor["o"], what="attention_core o")
     # and the kernel's plain (o only) path, with a non-default scale
-    assert_close(flash_attention(q, k, v, causal=causal, sm_scale=0.3), o_ref, rtol=2e-5,
-                 scale=floor["o"], what="flash_attention o")
+    assert_close(
+        flash_attention(q, k, v, causal=causal, sm_scale=0.3),
+        o_ref,
+        rtol=2e-5,
+        scale=floor["o"],
+        what="flash_attention o",
+    )
 
 
-@pytest.mark.parametrize("shapes, match", [
-    (((1, 8, 6, 16), (1, 8, 4, 16), (1, 8, 4, 16)), "not divisible by kv heads"),
-    (((2, 8, 4, 16), (1, 8, 2, 16), (1, 8, 2, 16)), "batch differs"),
-    (((1, 8, 4, 16), (1, 8, 2, 24), (1, 8, 2, 16)), "head dim"),
-    (((1, 8, 4, 16), (1, 8, 2, 16), (1, 9, 2, 16)), "must share"),
-    (((1, 8, 4, 16), (1, 8, 2, 16), (1, 8, 16)), "wants q"),
-    (((1, 0, 4, 16), (1, 8, 2, 16), (1, 8, 2, 16)), "empty"),
-])
+@pytest.mark.parametrize(
+    "shapes, match",
+    [
+        (((1, 8, 6, 16), (1, 8, 4, 16), (1, 8, 4, 16)), "not divisible by kv heads"),
+        (((2, 8, 4, 16), (1, 8, 2, 16), (1, 8, 2, 16)), "batch differs"),
+        (((1, 8, 4, 16), (1, 8, 2, 24), (1, 8, 2, 16)), "head dim"),
+        (((1, 8, 4, 16), (1, 8, 2, 16), (1, 9, 2, 16)), "must share"),
+        (((1, 8, 4, 16), (1, 8, 2, 16), (1, 8, 16)), "wants q"),
+        (((1, 0, 4, 16), (1, 8, 2, 16), (1, 8, 2, 16)), "empty"),
+    ],
+)
 def test_flash_attention_shape_errors(shapes, match):
     q, k, v = (jnp.zeros(s, jnp.float32) for s in shapes)
     with pytest.raises(ValueError, match=match):
@@ -310,10 +312,9 @@ def _decode_case(num_splits, dt):
     rng = np.random.default_rng(num_splits)
     lengths = np.array([0, 1, 29, S])
     q_nope64 = rng.standard_normal((B, N, dn))
-    w_kvb64 = rng.standard_normal((R, N, dn + dv)) * R ** -0.5
+    w_kvb64 = rng.standard_normal((R, N, dn + dv)) * R**-0.5
     # absorb W_UK (the k_nope columns of W_kvb) into the query: q_abs_n = W_UK_n q_nope_n
-    q_abs = jnp.asarray(np.einsum("BNd,RNd->BNR", q_nope64, w_kvb64[:, :, :dn]),
-                        jnp.float32).astype(dtype)
+    q_abs = jnp.asarray(np.einsum("BNd,RNd->BNR", q_nope64, w_kvb64[:, :, :dn]), jnp.float32).astype(dtype)
     q_pe, q_pe64 = randn(rng, (B, N, P), dtype)
     c_kv, c_kv64 = randn(rng, (B, S, R), dtype)
     k_pe, k_pe64 = randn(rng, (B, S, P), dtype)
@@ -352,18 +353,21 @@ def test_mla_decode_matches_reference_and_full_recompute(num_splits, dt):
 
     ref, ref_abs = np_mla_absorbed(*args64, scale=scale)
     assert_close(o, ref, rtol=TOL[dt], scale=ref_abs.max(), what="mla_decode")
-    assert_close(mla_decode_reference(*args, sm_scale=scale), ref, rtol=TOL[dt],
-                 scale=ref_abs.max(), what="mla_decode_reference")
+    assert_close(
+        mla_decode_reference(*args, sm_scale=scale),
+        ref,
+        rtol=TOL[dt],
+        scale=ref_abs.max(),
+        what="mla_decode_reference",
+    )
 
     # full recompute: per-head keys/values expanded from the latent, then W_UV on o
     if dt == "float32":
         _, q_pe64, c_kv64, k_pe64, lengths = args64
-        full = np_mla_full(q_nope64, q_pe64, c_kv64, k_pe64, w_kvb64, lengths, dn=dn,
-                           scale=scale)
+        full = np_mla_full(q_nope64, q_pe64, c_kv64, k_pe64, w_kvb64, lengths, dn=dn, scale=scale)
         w_uv = w_kvb64[:, :, dn:]
         o_v = np.einsum("BNR,RNv->BNv", as_f64(o), w_uv)
-        assert_close(o_v, full, rtol=TOL[dt], scale=term_scale("BNR,RNv->BNv", ref_abs, w_uv),
-                     what="o·W_UV")
+        assert_close(o_v, full, rtol=TOL[dt], scale=term_scale("BNR,RNv->BNv", ref_abs, w_uv), what="o·W_UV")
 
 
 def test_mla_decode_default_splits_and_short_cache():
@@ -395,15 +399,17 @@ def test_mla_decode_under_x64():
     assert_close(o, o32, rtol=1e-6, scale=ref_abs.max(), what="x64 on vs off")
 
 
-@pytest.mark.parametrize("shapes, kw, match", [
-    (((2, 4, 32), (2, 4, 16), (2, 50, 24), (2, 50, 16), (2,)), {}, "c_kv"),
-    (((2, 4, 32), (2, 4, 16), (2, 50, 32), (2, 40, 16), (2,)), {}, "k_pe"),
-    (((2, 4, 32), (2, 3, 16), (2, 50, 32), (2, 50, 16), (2,)), {}, "q_pe"),
-    (((2, 4, 32), (2, 4, 16), (2, 50, 32), (2, 50, 16), (3,)), {}, "lengths"),
-    (((2, 4, 32), (2, 4, 16), (2, 50, 32), (2, 50, 16), (2,)), {"block_s": 24}, "block_s"),
-    (((2, 4, 32), (2, 4, 16), (2, 50, 32), (2, 50, 16), (2,)), {"num_splits": 0},
-     "num_splits"),
-])
+@pytest.mark.parametrize(
+    "shapes, kw, match",
+    [
+        (((2, 4, 32), (2, 4, 16), (2, 50, 24), (2, 50, 16), (2,)), {}, "c_kv"),
+        (((2, 4, 32), (2, 4, 16), (2, 50, 32), (2, 40, 16), (2,)), {}, "k_pe"),
+        (((2, 4, 32), (2, 3, 16), (2, 50, 32), (2, 50, 16), (2,)), {}, "q_pe"),
+        (((2, 4, 32), (2, 4, 16), (2, 50, 32), (2, 50, 16), (3,)), {}, "lengths"),
+        (((2, 4, 32), (2, 4, 16), (2, 50, 32), (2, 50, 16), (2,)), {"block_s": 24}, "block_s"),
+        (((2, 4, 32), (2, 4, 16), (2, 50, 32), (2, 50, 16), (2,)), {"num_splits": 0}, "num_splits"),
+    ],
+)
 def test_mla_decode_shape_errors(shapes, kw, match):
     *xs, lengths = shapes
     args = [jnp.zeros(s, jnp.float32) for s in xs] + [jnp.zeros(lengths, jnp.int32)]
@@ -413,9 +419,9 @@ def test_mla_decode_shape_errors(shapes, kw, match):
 
 # ------------------------------------------------------------------ portability
 
+
 @pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
-@pytest.mark.parametrize("platform, target", [("cuda", "__gpu$xla.gpu.triton"),
-                                              ("tpu", "tpu_custom_call")])
+@pytest.mark.parametrize("platform, target", [("cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu_custom_call")])
 def test_kernels_lower_to_triton_and_mosaic(platform, target, x64, monkeypatch):
     """Cross-lower (no device needed) forward + backward and decode for GPU (Triton) and
     TPU (Mosaic), with jax_enable_x64 off and on: catches ops without a lowering rule,
@@ -432,10 +438,19 @@ def test_kernels_lower_to_triton_and_mosaic(platform, target, x64, monkeypatch):
     def decode(*x):
         return mla_decode(*x, sm_scale=0.1, num_splits=3, interpret=False)
 
-    cases = [(train, (sd((2, 100, 12, 192), bf), sd((2, 100, 4, 192), bf),
-                      sd((2, 100, 4, 128), bf))),
-             (decode, (sd((2, 16, 512), bf), sd((2, 16, 64), bf), sd((2, 300, 512), bf),
-                       sd((2, 300, 64), bf), sd((2,), jnp.int32)))]
+    cases = [
+        (train, (sd((2, 100, 12, 192), bf), sd((2, 100, 4, 192), bf), sd((2, 100, 4, 128), bf))),
+        (
+            decode,
+            (
+                sd((2, 16, 512), bf),
+                sd((2, 16, 64), bf),
+                sd((2, 300, 512), bf),
+                sd((2, 300, 64), bf),
+                sd((2,), jnp.int32),
+            ),
+        ),
+    ]
     for f, args in cases:
         try:
             with jax.enable_x64(x64):
@@ -457,18 +472,35 @@ def test_training_step_pallas_equals_xla(kind):
 
     grads, losses = {}, {}
     for impl in ("xla", "pallas"):
-        cfg = from_dict({"model": {"vocab_size": 50, "d_model": 32, "n_layers": 2, "ffn_dim": 64,
-                                   "max_seq_len": 64},
-                         "attention": {"kind": kind, "n_heads": 4, "n_kv_heads": 2 if kind == "gqa" else None,
-                                       "head_dim": 8, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                                       "qk_rope_head_dim": 4, "v_head_dim": 8, "impl": impl},
-                         "moe": {"n_routed_experts": 4, "top_k": 2, "expert_ffn_dim": 16,
-                                 "first_k_dense_replace": 1, "dispatch": "dropless"},
-                         "train": {"seq_len": 20}})
+        cfg = from_dict(
+            {
+                "model": {"vocab_size": 50, "d_model": 32, "n_layers": 2, "ffn_dim": 64, "max_seq_len": 64},
+                "attention": {
+                    "kind": kind,
+                    "n_heads": 4,
+                    "n_kv_heads": 2 if kind == "gqa" else None,
+                    "head_dim": 8,
+                    "kv_lora_rank": 16,
+                    "qk_nope_head_dim": 8,
+                    "qk_rope_head_dim": 4,
+                    "v_head_dim": 8,
+                    "impl": impl,
+                },
+                "moe": {
+                    "n_routed_experts": 4,
+                    "top_k": 2,
+                    "expert_ffn_dim": 16,
+                    "first_k_dense_replace": 1,
+                    "dispatch": "dropless",
+                },
+                "train": {"seq_len": 20},
+            }
+        )
         graphdef, params, rest = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
         batch = jax.random.randint(jax.random.key(1), (2, 21), 0, 50)
-        (loss, _), g = jax.jit(jax.value_and_grad(
-            lambda p: lm_loss(graphdef, p, rest, batch, 0.0), has_aux=True))(params)
+        (loss, _), g = jax.jit(
+            jax.value_and_grad(lambda p: lm_loss(graphdef, p, rest, batch, 0.0), has_aux=True)
+        )(params)
         losses[impl], grads[impl] = float(loss), jax.tree_util.tree_leaves_with_path(g)
     assert losses["pallas"] == pytest.approx(losses["xla"], rel=1e-5)
     # per leaf, relative (no floor): each leaf's gradient sums 40 tokens' outer products

@@ -27,24 +27,29 @@ def _reference(h, w, labels):
     d = np.exp(logits - lse[..., None])
     np.put_along_axis(d, lab[..., None], np.take_along_axis(d, lab[..., None], -1) - 1.0, -1)
     d /= n
-    floor = {"loss": float(np.mean(np.abs(lse) + np.abs(nll - lse))),
-             "dh": term_scale("btv,dv->btd", d, w), "dw": term_scale("btd,btv->dv", h, d)}
+    floor = {
+        "loss": float(np.mean(np.abs(lse) + np.abs(nll - lse))),
+        "dh": term_scale("btv,dv->btd", d, w),
+        "dw": term_scale("btd,btv->dv", h, d),
+    }
     return nll.mean(), d @ w.T, np.einsum("btd,btv->dv", h, d), floor
 
 
 def _inputs(B=3, T=12, D=16, V=37, seed=0):
     r = np.random.default_rng(seed)
-    return (r.standard_normal((B, T, D)).astype(np.float32),
-            (0.3 * r.standard_normal((D, V))).astype(np.float32),
-            r.integers(0, V, (B, T)))
+    return (
+        r.standard_normal((B, T, D)).astype(np.float32),
+        (0.3 * r.standard_normal((D, V))).astype(np.float32),
+        r.integers(0, V, (B, T)),
+    )
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 7, 12, 36, 10_000])
 def test_value_and_gradients_match_float64(chunk_tokens):
     h, w, lab = _inputs()
     loss, (dh, dw) = jax.value_and_grad(
-        lambda h, w: lm_head_cross_entropy(h, w, jnp.asarray(lab), chunk_tokens=chunk_tokens),
-        argnums=(0, 1))(jnp.asarray(h), jnp.asarray(w))
+        lambda h, w: lm_head_cross_entropy(h, w, jnp.asarray(lab), chunk_tokens=chunk_tokens), argnums=(0, 1)
+    )(jnp.asarray(h), jnp.asarray(w))
     ref, ref_dh, ref_dw, floor = _reference(h, w, lab)
     assert_close(loss, ref, rtol=1e-6, scale=floor["loss"], what="loss")
     assert_close(dh, ref_dh, rtol=1e-5, scale=floor["dh"], what="dh")
@@ -69,10 +74,10 @@ def test_bfloat16_inputs_close_to_float64():
     h, w, lab = _inputs(seed=2)
     hb, wb = jnp.asarray(h, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
     loss, (dh, dw) = jax.value_and_grad(
-        lambda h, w: lm_head_cross_entropy(h, w, jnp.asarray(lab), chunk_tokens=8), argnums=(0, 1))(hb, wb)
+        lambda h, w: lm_head_cross_entropy(h, w, jnp.asarray(lab), chunk_tokens=8), argnums=(0, 1)
+    )(hb, wb)
     assert loss.dtype == jnp.float32 and dh.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
-    ref, ref_dh, ref_dw, floor = _reference(np.asarray(hb, np.float32),
-                                            np.asarray(wb, np.float32), lab)
+    ref, ref_dh, ref_dw, floor = _reference(np.asarray(hb, np.float32), np.asarray(wb, np.float32), lab)
     assert_close(loss, ref, rtol=1e-4, scale=floor["loss"], what="loss")
     assert_close(dh, ref_dh, rtol=2e-2, scale=floor["dh"], what="dh")
     assert_close(dw, ref_dw, rtol=2e-2, scale=floor["dw"], what="dw")
@@ -84,10 +89,8 @@ def test_float32_under_x64():
     the x64-off values."""
     h, w, lab = _inputs(seed=3)
     ref, ref_dh, ref_dw, floor = _reference(h, w, lab)
-    f = jax.value_and_grad(lambda h, w, lab: lm_head_cross_entropy(h, w, lab, chunk_tokens=8),
-                           argnums=(0, 1))
-    off_loss, (off_dh, off_dw) = jax.jit(f)(jnp.asarray(h), jnp.asarray(w),
-                                            jnp.asarray(lab, jnp.int32))
+    f = jax.value_and_grad(lambda h, w, lab: lm_head_cross_entropy(h, w, lab, chunk_tokens=8), argnums=(0, 1))
+    off_loss, (off_dh, off_dw) = jax.jit(f)(jnp.asarray(h), jnp.asarray(w), jnp.asarray(lab, jnp.int32))
     with jax.enable_x64(True):
         args = (jnp.asarray(h), jnp.asarray(w), jnp.asarray(lab))
         assert args[2].dtype == jnp.int64 and args[0].dtype == jnp.float32
@@ -112,21 +115,37 @@ def test_chunk_len_divides_positions():
 def test_training_loss_and_grads_fused_equal_plain(tie):
     """lm_loss with the fused head (train.loss_chunk) equals the plain logits path."""
     from flax import nnx
+
     from mlalm.model import Transformer
     from mlalm.train import lm_loss, split_model
-    cfg = load_config(None, ["model.vocab_size=61", "model.d_model=32", "model.n_layers=2",
-                             "model.ffn_dim=48", "attention.n_heads=2", "attention.kv_lora_rank=16",
-                             "attention.qk_nope_head_dim=8", "attention.qk_rope_head_dim=8",
-                             "attention.v_head_dim=8", f"model.tie_embeddings={tie}"])
+
+    cfg = load_config(
+        None,
+        [
+            "model.vocab_size=61",
+            "model.d_model=32",
+            "model.n_layers=2",
+            "model.ffn_dim=48",
+            "attention.n_heads=2",
+            "attention.kv_lora_rank=16",
+            "attention.qk_nope_head_dim=8",
+            "attention.qk_rope_head_dim=8",
+            "attention.v_head_dim=8",
+            f"model.tie_embeddings={tie}",
+        ],
+    )
     graphdef, params, rest = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
     batch = jnp.asarray(np.random.default_rng(3).integers(0, 61, (4, 17)), jnp.int32)
-    outs = [jax.value_and_grad(lambda p: lm_loss(graphdef, p, rest, batch, 0.0, chunk)[0])(params)
-            for chunk in (0, 16)]
+    outs = [
+        jax.value_and_grad(lambda p: lm_loss(graphdef, p, rest, batch, 0.0, chunk)[0])(params)
+        for chunk in (0, 16)
+    ]
     assert_close(outs[1][0], outs[0][0], rtol=1e-6, what="loss")
     # per leaf, relative: no parameter's gradient cancels to 0 here (a vanishing one
     # would read as an infinite error, never as a pass)
-    for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(outs[0][1]),
-                                 jax.tree_util.tree_leaves_with_path(outs[1][1])):
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_leaves_with_path(outs[0][1]), jax.tree_util.tree_leaves_with_path(outs[1][1])
+    ):
         assert_close(b, a, rtol=1e-4, what=jax.tree_util.keystr(path))
 
 
@@ -137,6 +156,10 @@ def test_linear_equals_einsum(spec, n_in):
     dims = dict(b=2, t=5, d=6, n=3, h=4, g=4, f=7)
     x = r.standard_normal([dims[c] for c in lhs]).astype(np.float32)
     w = r.standard_normal([dims[c] for c in rhs]).astype(np.float32)
-    assert_close(linear(jnp.asarray(x), jnp.asarray(w), n_in),
-                 np.einsum(spec, x.astype(np.float64), w.astype(np.float64)), rtol=1e-5,
-                 scale=term_scale(spec, x, w), what=spec)
+    assert_close(
+        linear(jnp.asarray(x), jnp.asarray(w), n_in),
+        np.einsum(spec, x.astype(np.float64), w.astype(np.float64)),
+        rtol=1e-5,
+        scale=term_scale(spec, x, w),
+        what=spec,
+    )

@@ -20,8 +20,13 @@ from mlalm.model import Transformer, count_params, kv_cache_bytes_per_token_per_
 from mlalm.model.attention import make_attention
 from mlalm.model.layers import BalanceBias, rope_tables
 from mlalm.model.loss import lm_head_cross_entropy
-from mlalm.model.moe import (balance_bias_update, dispatch_capacity, dispatch_dropless, route,
-                             sequence_balance_loss)
+from mlalm.model.moe import (
+    balance_bias_update,
+    dispatch_capacity,
+    dispatch_dropless,
+    route,
+    sequence_balance_loss,
+)
 from numerics import assert_close, float64_ops
 
 V, D = 50, 32
@@ -32,21 +37,48 @@ ATTN = {
     "gqa": dict(kind="gqa", n_heads=4, n_kv_heads=2, head_dim=8),
     "mqa": dict(kind="mqa", n_heads=4, head_dim=8),
     # qk width 8 + 4 = 12 differs from the value width 6
-    "mla": dict(kind="mla", n_heads=4, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
-                qk_rope_head_dim=4, v_head_dim=6),
-    "mla_qlora": dict(kind="mla", n_heads=4, q_lora_rank=12, kv_lora_rank=16,
-                      qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),
+    "mla": dict(
+        kind="mla",
+        n_heads=4,
+        q_lora_rank=0,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+    ),
+    "mla_qlora": dict(
+        kind="mla",
+        n_heads=4,
+        q_lora_rank=12,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=6,
+    ),
 }
-MOE = dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_ffn_dim=16,
-           dispatch="dropless")
+MOE = dict(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_ffn_dim=16, dispatch="dropless")
 
 
 def make_cfg(attn="mla", moe=None, n_layers=2, **model):
-    m = dict(vocab_size=V, d_model=D, n_layers=n_layers, ffn_dim=64, max_seq_len=32,
-             init_std=0.1, rope_theta=THETA, norm_eps=EPS)
+    m = dict(
+        vocab_size=V,
+        d_model=D,
+        n_layers=n_layers,
+        ffn_dim=64,
+        max_seq_len=32,
+        init_std=0.1,
+        rope_theta=THETA,
+        norm_eps=EPS,
+    )
     m.update(model)
-    return from_dict({"model": m, "attention": ATTN[attn] if isinstance(attn, str) else attn,
-                      "moe": MOE if moe is None else moe, "train": {"seq_len": 16}})
+    return from_dict(
+        {
+            "model": m,
+            "attention": ATTN[attn] if isinstance(attn, str) else attn,
+            "moe": MOE if moe is None else moe,
+            "train": {"seq_len": 16},
+        }
+    )
 
 
 def fill(module, seed, std=0.1, bias_std=0.0):
@@ -79,8 +111,10 @@ def build_attention(cfg, seed=0):
 
 
 _call_attn = nnx.jit(lambda module, x, cos, sin: module(x, cos, sin)[0])
-_route = jax.jit(route, static_argnames=("top_k", "scoring", "n_group", "topk_group",
-                                         "norm_topk_prob", "routed_scaling_factor"))
+_route = jax.jit(
+    route,
+    static_argnames=("top_k", "scoring", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor"),
+)
 _dropless = jax.jit(dispatch_dropless)
 _capacity = jax.jit(dispatch_capacity, static_argnames=("capacity",))
 _forward = nnx.jit(lambda model, tokens: model(tokens, return_aux=True))
@@ -109,6 +143,7 @@ def close(got, want, rtol=1e-5, scale=0.0):
 # ---------------------------------------------------------------------------------------
 # numpy references
 # ---------------------------------------------------------------------------------------
+
 
 def rms_np(x, scale, eps=EPS):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * scale
@@ -158,7 +193,7 @@ def mha_ref(attn, x_BTD, pos_BT, theta=THETA):
         v = np.einsum("td,dkh->tkh", x, wv)
         for n in range(N):
             kv = n // (N // K)
-            o = causal_softmax_attn_np(q[:, n], k[:, kv], v[:, kv], H ** -0.5)
+            o = causal_softmax_attn_np(q[:, n], k[:, kv], v[:, kv], H**-0.5)
             out[b] += o @ wo[n]
     return out
 
@@ -192,8 +227,18 @@ def mla_ref(attn, x_BTD, pos_BT, theta=THETA):
     return out
 
 
-def route_np(x, w, bias, *, top_k, scoring="sigmoid", n_group=1, topk_group=1,
-             norm_topk_prob=True, routed_scaling_factor=1.0):
+def route_np(
+    x,
+    w,
+    bias,
+    *,
+    top_k,
+    scoring="sigmoid",
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=1.0,
+):
     """Per-token router.  Returns chosen expert lists, their weights, scores, kept groups."""
     logits = x @ w
     if scoring == "sigmoid":
@@ -208,7 +253,7 @@ def route_np(x, w, bias, *, top_k, scoring="sigmoid", n_group=1, topk_group=1,
         c = s[n] + bias
         allowed = list(range(E))
         if n_group > 1:
-            gscore = [sum(sorted(c[g * per:(g + 1) * per])[-2:]) for g in range(n_group)]
+            gscore = [sum(sorted(c[g * per : (g + 1) * per])[-2:]) for g in range(n_group)]
             keep = sorted(range(n_group), key=lambda g: -gscore[g])[:topk_group]
             allowed = [e for e in range(E) if e // per in keep]
             groups.append(set(keep))
@@ -255,9 +300,14 @@ def transformer_ref(model, tokens_BT):
     """The whole forward pass in float64: embed, pre-norm blocks, final norm, head."""
     cfg = model.cfg
     e = cfg.moe
-    route_kw = dict(top_k=e.top_k, scoring=e.scoring, n_group=e.n_group,
-                    topk_group=e.topk_group, norm_topk_prob=e.norm_topk_prob,
-                    routed_scaling_factor=e.routed_scaling_factor)
+    route_kw = dict(
+        top_k=e.top_k,
+        scoring=e.scoring,
+        n_group=e.n_group,
+        topk_group=e.topk_group,
+        norm_topk_prob=e.norm_topk_prob,
+        routed_scaling_factor=e.routed_scaling_factor,
+    )
     B, T = tokens_BT.shape
     pos = np.broadcast_to(np.arange(T), (B, T))
     emb = f64(model.embed_VD)
@@ -271,8 +321,7 @@ def transformer_ref(model, tokens_BT):
         if cfg.is_moe_layer(layer):
             y, load, chosen, s = moe_ref(block.ffn, h.reshape(B * T, -1), route_kw)
             loads.append(load)
-            balance += seq_balance_loss_np(s.reshape(B, T, -1), chosen.reshape(B, T, -1),
-                                           e.n_routed_experts)
+            balance += seq_balance_loss_np(s.reshape(B, T, -1), chosen.reshape(B, T, -1), e.n_routed_experts)
             x = x + y.reshape(B, T, -1)
         else:
             f = block.ffn
@@ -359,6 +408,7 @@ def test_capacity_dispatch_single_sequence_is_causal_even_when_dropping():
 # Attention against per-head references
 # ---------------------------------------------------------------------------------------
 
+
 def _attn_inputs(rng, attn_cfg, B=2, T=10):
     x = rng.standard_normal((B, T, D)).astype(np.float32)
     pos = np.stack([np.arange(T), np.arange(T) + 5])  # row 1 starts at position 5
@@ -367,11 +417,16 @@ def _attn_inputs(rng, attn_cfg, B=2, T=10):
     return x, pos, cos, sin
 
 
-@pytest.mark.parametrize("attn", [
-    ATTN["mla"], ATTN["mla_qlora"],
-    dict(ATTN["mla"], qk_nope_head_dim=0),  # pure-rope MLA keys
-    dict(ATTN["mla_qlora"], n_heads=2, kv_lora_rank=8, qk_rope_head_dim=6, v_head_dim=10),
-], ids=["mla", "mla_qlora", "mla_nope0", "mla_wide_v"])
+@pytest.mark.parametrize(
+    "attn",
+    [
+        ATTN["mla"],
+        ATTN["mla_qlora"],
+        dict(ATTN["mla"], qk_nope_head_dim=0),  # pure-rope MLA keys
+        dict(ATTN["mla_qlora"], n_heads=2, kv_lora_rank=8, qk_rope_head_dim=6, v_head_dim=10),
+    ],
+    ids=["mla", "mla_qlora", "mla_nope0", "mla_wide_v"],
+)
 def test_mla_matches_per_head_reference(attn):
     cfg = make_cfg(attn, moe={"n_routed_experts": 0})
     module = build_attention(cfg, seed=5)
@@ -391,8 +446,9 @@ def test_mla_in_model_matches_reference():
     close(out, mla_ref(attn, x.astype(np.float64), pos))
 
 
-@pytest.mark.parametrize("kind, n_kv", [("gqa", 1), ("gqa", 2), ("gqa", 4), ("gqa", 8),
-                                        ("mha", None), ("mqa", None)])
+@pytest.mark.parametrize(
+    "kind, n_kv", [("gqa", 1), ("gqa", 2), ("gqa", 4), ("gqa", 8), ("mha", None), ("mqa", None)]
+)
 def test_mha_gqa_mqa_match_per_head_reference(kind, n_kv):
     attn = dict(kind=kind, n_heads=8, head_dim=8)
     if n_kv is not None:
@@ -411,9 +467,18 @@ def test_mha_gqa_mqa_match_per_head_reference(kind, n_kv):
 # Whole model against a float64 reference (MLA + q LoRA + groups + dense first layer)
 # ---------------------------------------------------------------------------------------
 
-FULL_MOE = dict(n_routed_experts=8, n_shared_experts=2, top_k=3, expert_ffn_dim=16,
-                n_group=4, topk_group=2, first_k_dense_replace=1, norm_topk_prob=True,
-                routed_scaling_factor=2.5, dispatch="dropless")
+FULL_MOE = dict(
+    n_routed_experts=8,
+    n_shared_experts=2,
+    top_k=3,
+    expert_ffn_dim=16,
+    n_group=4,
+    topk_group=2,
+    first_k_dense_replace=1,
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    dispatch="dropless",
+)
 
 
 def _full_model(seed=8, **model):
@@ -450,6 +515,7 @@ def test_tied_embeddings_and_dense_model_reference():
 # Router
 # ---------------------------------------------------------------------------------------
 
+
 def _router_inputs(N, E, seed, bias_std=0.0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((N, 16)).astype(np.float32)
@@ -470,16 +536,18 @@ def _check_route(idx, w, chosen_ref, weights_ref, k):
             assert got[e] == pytest.approx(want[e], rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(top_k=2, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=1.0),
-    dict(top_k=3, scoring="sigmoid", norm_topk_prob=False, routed_scaling_factor=2.5),
-    dict(top_k=2, scoring="softmax", norm_topk_prob=False, routed_scaling_factor=1.0),
-    dict(top_k=8, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=1.0),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(top_k=2, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=1.0),
+        dict(top_k=3, scoring="sigmoid", norm_topk_prob=False, routed_scaling_factor=2.5),
+        dict(top_k=2, scoring="softmax", norm_topk_prob=False, routed_scaling_factor=1.0),
+        dict(top_k=8, scoring="sigmoid", norm_topk_prob=True, routed_scaling_factor=1.0),
+    ],
+)
 def test_route_top_k_distinct_matches_reference(kw):
     x, w, b = _router_inputs(40, 8, 0, bias_std=0.02)
-    idx, wt, s = _route(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), n_group=1,
-                       topk_group=1, **kw)
+    idx, wt, s = _route(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), n_group=1, topk_group=1, **kw)
     chosen, weights, s_ref, _ = route_np(x.astype(np.float64), w.astype(np.float64), b, **kw)
     _check_route(idx, wt, chosen, weights, kw["top_k"])
     close(s, s_ref, 1e-5)
@@ -488,8 +556,9 @@ def test_route_top_k_distinct_matches_reference(kw):
 def test_group_limited_routing():
     E, G, TG, K = 16, 4, 2, 4
     x, w, b = _router_inputs(64, E, 1, bias_std=0.05)
-    kw = dict(top_k=K, scoring="sigmoid", n_group=G, topk_group=TG, norm_topk_prob=True,
-              routed_scaling_factor=1.5)
+    kw = dict(
+        top_k=K, scoring="sigmoid", n_group=G, topk_group=TG, norm_topk_prob=True, routed_scaling_factor=1.5
+    )
     idx, wt, _ = _route(jnp.asarray(x), jnp.asarray(w), jnp.asarray(b), **kw)
     chosen, weights, _, groups = route_np(x.astype(np.float64), w.astype(np.float64), b, **kw)
     idx = np.asarray(idx)
@@ -497,8 +566,9 @@ def test_group_limited_routing():
         assert {e // (E // G) for e in idx[n]} <= groups[n]  # only the best groups
     _check_route(idx, wt, chosen, weights, K)
     # the restriction matters for this data: plain top-k would pick other experts
-    plain, _, _, _ = route_np(x.astype(np.float64), w.astype(np.float64), b,
-                              **dict(kw, n_group=1, topk_group=1))
+    plain, _, _, _ = route_np(
+        x.astype(np.float64), w.astype(np.float64), b, **dict(kw, n_group=1, topk_group=1)
+    )
     assert sum(set(p) != set(c) for p, c in zip(plain, chosen)) > 0
 
 
@@ -508,8 +578,14 @@ def test_bias_changes_choice_not_weights(norm, scaling):
     x, w, _ = _router_inputs(32, E, 2)
     bias = np.zeros(E, np.float32)
     bias[[1, 6]] = 0.3
-    kw = dict(top_k=K, scoring="sigmoid", n_group=1, topk_group=1, norm_topk_prob=norm,
-              routed_scaling_factor=scaling)
+    kw = dict(
+        top_k=K,
+        scoring="sigmoid",
+        n_group=1,
+        topk_group=1,
+        norm_topk_prob=norm,
+        routed_scaling_factor=scaling,
+    )
     idx0, _, s = _route(jnp.asarray(x), jnp.asarray(w), jnp.zeros(E), **kw)
     idx, wt, _ = _route(jnp.asarray(x), jnp.asarray(w), jnp.asarray(bias), **kw)
     idx0, idx, wt, s = map(np.asarray, (idx0, idx, wt, s))
@@ -591,6 +667,7 @@ def test_dispatch_capacity_drops_late_pairs(dispatch_case, capacity):
 # Balancing
 # ---------------------------------------------------------------------------------------
 
+
 def test_balance_bias_update_formula():
     bias = np.array([0.1, -0.2, 0.0, 0.3, 0.05, -0.01], np.float32)
     load = np.array([3.0, 5.0, 4.0, 4.0, 0.0, 8.0], np.float32)  # mean 4
@@ -638,7 +715,7 @@ def test_balance_bias_gets_no_gradient():
 
     def loss_fn(m):
         y, aux = m(x)
-        return jnp.mean(y ** 2) + aux["balance_loss"]
+        return jnp.mean(y**2) + aux["balance_loss"]
 
     grads = nnx.jit(nnx.grad(loss_fn))(moe)
     leaves = jax.tree.leaves(grads, is_leaf=lambda v: isinstance(v, nnx.Variable))
@@ -661,8 +738,7 @@ def test_balance_bias_gets_no_gradient():
 def test_update_balance_biases():
     cfg, model = _full_model(seed=11)
     before = [f64(m.bias_E) for m in model.moe_layers()]
-    load = np.array([[3, 3, 3, 3, 3, 3, 3, 3],
-                     [9, 0, 1, 2, 3, 4, 5, 0]], np.float32)
+    load = np.array([[3, 3, 3, 3, 3, 3, 3, 3], [9, 0, 1, 2, 3, 4, 5, 0]], np.float32)
     model.update_balance_biases(jnp.asarray(load), 0.02)
     for b0, m, l in zip(before, model.moe_layers(), load):
         want = b0 + 0.02 * np.sign(l.mean() - l)
@@ -675,30 +751,43 @@ def test_update_balance_biases():
 # KV cache and parameter counts
 # ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype, b", [("float32", 4), ("bfloat16", 2)])
 def test_kv_cache_bytes(dtype, b):
     def cfg(attn):
         return from_dict({"model": {"dtype": dtype}, "attention": attn})
 
     nh, dh = 8, 64
-    assert kv_cache_bytes_per_token_per_layer(
-        cfg(dict(kind="mha", n_heads=nh, head_dim=dh))) == 2 * nh * dh * b
-    assert kv_cache_bytes_per_token_per_layer(
-        cfg(dict(kind="gqa", n_heads=nh, n_kv_heads=2, head_dim=dh))) == 2 * 2 * dh * b
-    assert kv_cache_bytes_per_token_per_layer(
-        cfg(dict(kind="mqa", n_heads=nh, head_dim=dh))) == 2 * dh * b
-    mla = cfg(dict(kind="mla", n_heads=nh, kv_lora_rank=4 * dh, qk_nope_head_dim=dh,
-                   qk_rope_head_dim=dh // 2, v_head_dim=dh))
+    assert (
+        kv_cache_bytes_per_token_per_layer(cfg(dict(kind="mha", n_heads=nh, head_dim=dh))) == 2 * nh * dh * b
+    )
+    assert (
+        kv_cache_bytes_per_token_per_layer(cfg(dict(kind="gqa", n_heads=nh, n_kv_heads=2, head_dim=dh)))
+        == 2 * 2 * dh * b
+    )
+    assert kv_cache_bytes_per_token_per_layer(cfg(dict(kind="mqa", n_heads=nh, head_dim=dh))) == 2 * dh * b
+    mla = cfg(
+        dict(
+            kind="mla",
+            n_heads=nh,
+            kv_lora_rank=4 * dh,
+            qk_nope_head_dim=dh,
+            qk_rope_head_dim=dh // 2,
+            v_head_dim=dh,
+        )
+    )
     latent = kv_cache_bytes_per_token_per_layer(mla)
     assert latent == (4 * dh + dh // 2) * b
     assert latent / b == 4.5 * dh  # DeepSeek-V2: like GQA with 2.25 groups
-    assert kv_cache_bytes_per_token_per_layer(mla, absorbed=False) == \
-        nh * (dh + dh // 2 + dh) * b
+    assert kv_cache_bytes_per_token_per_layer(mla, absorbed=False) == nh * (dh + dh // 2 + dh) * b
     # explicit element size overrides the compute dtype
     assert kv_cache_bytes_per_token_per_layer(mla, dtype_bytes=1) == 4 * dh + dh // 2
-    assert kv_cache_bytes_per_token_per_layer(
-        cfg(dict(kind="gqa", n_heads=nh, n_kv_heads=4, head_dim=dh)), dtype_bytes=2) == \
-        2 * 4 * dh * 2
+    assert (
+        kv_cache_bytes_per_token_per_layer(
+            cfg(dict(kind="gqa", n_heads=nh, n_kv_heads=4, head_dim=dh)), dtype_bytes=2
+        )
+        == 2 * 4 * dh * 2
+    )
 
 
 def _param_formula(cfg):
@@ -708,8 +797,13 @@ def _param_formula(cfg):
     if not m.tie_embeddings:
         total += Dm * m.vocab_size
     if a.kind == "mla":
-        dn, dr, dv, R, Q = (a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim,
-                            a.kv_lora_rank, a.q_lora_rank)
+        dn, dr, dv, R, Q = (
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+            a.kv_lora_rank,
+            a.q_lora_rank,
+        )
         attn = (Dm * Q + Q + Q * N * (dn + dr)) if Q else Dm * N * (dn + dr)
         attn += Dm * (R + dr) + R + R * N * (dn + dv) + N * dv * Dm
     else:
@@ -728,11 +822,14 @@ def _param_formula(cfg):
     return total_all, total_all - inactive
 
 
-@pytest.mark.parametrize("attn, moe, tie", [
-    ("mla_qlora", FULL_MOE, False),
-    ("mla", dict(FULL_MOE, first_k_dense_replace=0, n_shared_experts=0, top_k=2), True),
-    ("gqa", {"n_routed_experts": 0}, False),
-])
+@pytest.mark.parametrize(
+    "attn, moe, tie",
+    [
+        ("mla_qlora", FULL_MOE, False),
+        ("mla", dict(FULL_MOE, first_k_dense_replace=0, n_shared_experts=0, top_k=2), True),
+        ("gqa", {"n_routed_experts": 0}, False),
+    ],
+)
 def test_count_params_formula(attn, moe, tie):
     cfg = make_cfg(attn, moe=moe, n_layers=3, tie_embeddings=tie)
     model = build(cfg)
@@ -762,10 +859,13 @@ def test_library_init():
     """The one real initialisation: parameter count, norm scales at one, truncated-normal
     weights with std init_std (output projections init_std / sqrt(2 n_layers))."""
     # few distinct parameter shapes ((32,32), (32,4,8), (4,8,32)): each costs a compile
-    cfg = from_dict({"model": dict(vocab_size=32, d_model=32, n_layers=2, ffn_dim=32,
-                                   max_seq_len=32, init_std=0.05),
-                     "attention": dict(kind="mha", n_heads=4, head_dim=8),
-                     "train": {"seq_len": 16}})
+    cfg = from_dict(
+        {
+            "model": dict(vocab_size=32, d_model=32, n_layers=2, ffn_dim=32, max_seq_len=32, init_std=0.05),
+            "attention": dict(kind="mha", n_heads=4, head_dim=8),
+            "train": {"seq_len": 16},
+        }
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     total, active = _param_formula(cfg)
     assert count_params(model) == total == count_params(model, active=True)
@@ -774,8 +874,10 @@ def test_library_init():
     big = np.concatenate([f64(model.embed_VD).ravel(), f64(model.head_DV).ravel()])
     assert np.abs(big).max() <= 3 * 0.05 + 1e-6
     assert big.std() == pytest.approx(0.05 * trunc, rel=0.1)
-    out = np.concatenate([f64(b.attn.wo_NGD).ravel() for b in model.blocks] +
-                         [f64(b.ffn.w_down_FD).ravel() for b in model.blocks])
+    out = np.concatenate(
+        [f64(b.attn.wo_NGD).ravel() for b in model.blocks]
+        + [f64(b.ffn.w_down_FD).ravel() for b in model.blocks]
+    )
     assert out.std() == pytest.approx(0.05 / 2 * trunc, rel=0.1)
     # different seeds give different weights, the same seed the same ones
     again = Transformer(cfg, rngs=nnx.Rngs(0))
@@ -788,13 +890,15 @@ def test_library_init():
 # bfloat16 compute
 # ---------------------------------------------------------------------------------------
 
+
 def test_bfloat16_compute_close_to_float32():
     cfg32, m32 = _full_model(seed=12)
     cfg16, m16 = _full_model(seed=12, dtype="bfloat16")
     assert cfg16.model.dtype == "bfloat16" and m16.blocks[0].attn.dtype == jnp.bfloat16
     # same seed, float32 parameters in both
-    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(m32, nnx.Param)),
-                              nnx.to_flat_state(nnx.state(m16, nnx.Param))):
+    for (_p, a), (_, b) in zip(
+        nnx.to_flat_state(nnx.state(m32, nnx.Param)), nnx.to_flat_state(nnx.state(m16, nnx.Param))
+    ):
         assert b[...].dtype == jnp.float32
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
     tokens = np.random.default_rng(8).integers(0, V, (2, 12))
@@ -810,13 +914,15 @@ def test_bfloat16_compute_close_to_float32():
 # Causal query blocks (the default for T >= 128) against a float64 softmax
 # ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("N,K,blocks", [(4, 4, 4), (4, 2, 4), (4, 1, 2), (2, 2, 8)])
 def test_attention_core_query_blocks_match_float64(N, K, blocks):
     from mlalm.model.attention import attention_core
+
     B, T, H, G = 2, 128, 8, 6
     r = np.random.default_rng(0)
     q, k, v = r.normal(size=(B, T, N, H)), r.normal(size=(B, T, K, H)), r.normal(size=(B, T, K, G))
-    scale = H ** -0.5
+    scale = H**-0.5
     kk, vv = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)
     s = np.einsum("btnh,bsnh->bnts", q, kk) * scale
     s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
@@ -834,11 +940,12 @@ def test_attention_core_query_blocks_match_float64(N, K, blocks):
 def test_attention_core_gradients_match_float64(N, K, blocks):
     """The core's own softmax VJP against the softmax gradient written out in float64."""
     from mlalm.model.attention import attention_core
+
     B, T, H, G = 2, 128, 8, 6
     r = np.random.default_rng(1)
     q, k, v = r.normal(size=(B, T, N, H)), r.normal(size=(B, T, K, H)), r.normal(size=(B, T, K, G))
     w = r.normal(size=(B, T, N, G))  # L = sum(w * o)
-    scale, g = H ** -0.5, N // K
+    scale, g = H**-0.5, N // K
     kk, vv = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
     s = np.einsum("btnh,bsnh->bnts", q, kk) * scale
     s = np.where(np.tril(np.ones((T, T), bool)), s, -np.inf)
@@ -852,13 +959,18 @@ def test_attention_core_gradients_match_float64(N, K, blocks):
     want_dv = np.einsum("bnts,btng->bsng", p, w).reshape(B, T, K, g, G).sum(3)
     # floors: the same sums over |terms| (query 0 sees one key, so its dq is exactly 0)
     ds_abs = p * (np.abs(dp) + np.abs(delta))
-    floors = (scale * np.einsum("bnts,bsnh->btnh", ds_abs, np.abs(kk)).max(),
-              (scale * np.einsum("bnts,btnh->bsnh", ds_abs, np.abs(q))
-               ).reshape(B, T, K, g, H).sum(3).max(),
-              np.einsum("bnts,btng->bsng", p, np.abs(w)).reshape(B, T, K, g, G).sum(3).max())
+    floors = (
+        scale * np.einsum("bnts,bsnh->btnh", ds_abs, np.abs(kk)).max(),
+        (scale * np.einsum("bnts,btnh->bsnh", ds_abs, np.abs(q))).reshape(B, T, K, g, H).sum(3).max(),
+        np.einsum("bnts,btng->bsng", p, np.abs(w)).reshape(B, T, K, g, G).sum(3).max(),
+    )
     args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)]
-    grads = jax.grad(lambda q, k, v: jnp.sum(jnp.asarray(w, jnp.float32) * attention_core(
-        q, k, v, scale=scale, q_blocks=blocks)[0]), argnums=(0, 1, 2))(*args)
+    grads = jax.grad(
+        lambda q, k, v: jnp.sum(
+            jnp.asarray(w, jnp.float32) * attention_core(q, k, v, scale=scale, q_blocks=blocks)[0]
+        ),
+        argnums=(0, 1, 2),
+    )(*args)
     for got, want, floor in zip(grads, (want_dq, want_dk, want_dv), floors):
         close(got, want, rtol=2e-5, scale=floor)
 
@@ -867,9 +979,11 @@ def test_attention_core_gradients_match_float64(N, K, blocks):
 # jax_enable_x64: float32 models stay float32 (x64 switched on inside each test only)
 # ---------------------------------------------------------------------------------------
 
+
 def _loss_and_logits(graphdef, rest, tokens_BT1, chunk):
     """params -> (mean next-token NLL + 0.01 balance loss, logits): the plain logits path,
     or with ``chunk`` the fused head + cross-entropy of mlalm.model.loss."""
+
     def f(params):
         model = nnx.merge(graphdef, params, rest)
         h, aux = model.hidden(tokens_BT1[:, :-1])
@@ -881,29 +995,37 @@ def _loss_and_logits(graphdef, rest, tokens_BT1, chunk):
             lse = jax.nn.logsumexp(logits, axis=-1)
             nll = jnp.mean(lse - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0])
         return nll + 0.01 * aux["balance_loss"], logits
+
     return f
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attn, dispatch, chunk", [
-    ("mla", "dropless", 0), ("mla_qlora", "capacity", 8), ("mha", "capacity", 0),
-    ("gqa", "dropless", 8), ("mqa", "dropless", 0)])
+@pytest.mark.parametrize(
+    "attn, dispatch, chunk",
+    [
+        ("mla", "dropless", 0),
+        ("mla_qlora", "capacity", 8),
+        ("mha", "capacity", 0),
+        ("gqa", "dropless", 8),
+        ("mqa", "dropless", 0),
+    ],
+)
 def test_x64_forward_and_grad_stay_float32(attn, dispatch, chunk):
     """With jax_enable_x64 on, a float32 model (dense layer, then MoE with either dispatch;
     plain or fused loss) fed int64 tokens computes in float32 throughout -- no float64
     value in forward or backward -- and gives the float64 reference's logits and the
     x64-off loss and gradients."""
     # capacity_factor = E: C = N k, nothing dropped, so the dropless reference applies
-    moe = dict(MOE, dispatch=dispatch, capacity_factor=float(MOE["n_routed_experts"]),
-               first_k_dense_replace=1)
+    moe = dict(
+        MOE, dispatch=dispatch, capacity_factor=float(MOE["n_routed_experts"]), first_k_dense_replace=1
+    )
     cfg = make_cfg(attn, moe=moe)
     tokens = np.random.default_rng(12).integers(0, V, (2, 13))
 
     def run():
         model = build(cfg, seed=13, bias_std=0.05)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        f = jax.value_and_grad(_loss_and_logits(graphdef, rest, jnp.asarray(tokens), chunk),
-                               has_aux=True)
+        f = jax.value_and_grad(_loss_and_logits(graphdef, rest, jnp.asarray(tokens), chunk), has_aux=True)
         (loss, logits), grads = jax.jit(f)(params)
         return model, f, params, loss, logits, grads
 
@@ -923,11 +1045,15 @@ def test_x64_forward_and_grad_stay_float32(attn, dispatch, chunk):
         assert_close(g[...], g_off[...], rtol=1e-6, what=f"{path}: x64 on vs off")
 
 
-@pytest.mark.parametrize("attn, absorbed, impl", [
-    pytest.param("mla", True, "xla", id="mla-absorbed"),
-    pytest.param("mla_qlora", False, "xla", id="mla-expanded"),
-    pytest.param("mla", True, "pallas", id="mla-pallas_decode", marks=pytest.mark.slow),
-    pytest.param("gqa", True, "xla", id="gqa")])
+@pytest.mark.parametrize(
+    "attn, absorbed, impl",
+    [
+        pytest.param("mla", True, "xla", id="mla-absorbed"),
+        pytest.param("mla_qlora", False, "xla", id="mla-expanded"),
+        pytest.param("mla", True, "pallas", id="mla-pallas_decode", marks=pytest.mark.slow),
+        pytest.param("gqa", True, "xla", id="gqa"),
+    ],
+)
 def test_x64_forward_cached_stays_float32(attn, absorbed, impl):
     """With x64 on and int64 positions, prefill then two decode steps over a float32 cache
     (MLA latent or expanded, GQA; the mla_decode kernel for impl=pallas) stay float32,
@@ -946,9 +1072,16 @@ def test_x64_forward_cached_stays_float32(attn, absorbed, impl):
         outs = [model.logits(h)]
         for t in (6, 7):
             if t == 7:  # the decode step itself holds no float64 value
-                assert float64_ops(lambda t_, p_, c_: model.forward_cached(t_, p_, c_),
-                                   tok[:, t:t + 1], pos[:, t:t + 1], caches) == []
-            h, caches = step(model, tok[:, t:t + 1], pos[:, t:t + 1], caches)
+                assert (
+                    float64_ops(
+                        lambda t_, p_, c_: model.forward_cached(t_, p_, c_),
+                        tok[:, t : t + 1],
+                        pos[:, t : t + 1],
+                        caches,
+                    )
+                    == []
+                )
+            h, caches = step(model, tok[:, t : t + 1], pos[:, t : t + 1], caches)
             outs.append(model.logits(h))
     assert all(c.dtype == jnp.float32 for c in jax.tree.leaves(caches))
     logits = np.concatenate([np.asarray(o) for o in outs], axis=1)
@@ -987,10 +1120,10 @@ def test_x64_qk_clip_and_bias_update_stay_float32(attn):
         if attn.startswith("mla"):
             dn = old_a.dn
             wq = "wq_b_QNH" if old_a.q_lora else "wq_DNH"
-            q_scale = np.concatenate([np.repeat(np.sqrt(g)[:, None], dn, 1),
-                                      np.repeat(g[:, None], old_a.dr, 1)], 1)
-            kv_scale = np.concatenate([np.repeat(np.sqrt(g)[:, None], dn, 1),
-                                       np.ones((len(g), old_a.dv))], 1)
+            q_scale = np.concatenate(
+                [np.repeat(np.sqrt(g)[:, None], dn, 1), np.repeat(g[:, None], old_a.dr, 1)], 1
+            )
+            kv_scale = np.concatenate([np.repeat(np.sqrt(g)[:, None], dn, 1), np.ones((len(g), old_a.dv))], 1)
             close(f64(getattr(new_a, wq)), f64(getattr(old_a, wq)) * q_scale, 1e-6)
             close(f64(new_a.wkv_b_RNU), f64(old_a.wkv_b_RNU) * kv_scale, 1e-6)
         else:

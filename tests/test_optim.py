@@ -16,14 +16,20 @@ from mlalm import ConfigError
 from mlalm.config import from_dict, load_config
 from mlalm.model import Transformer
 from mlalm.model.layers import param
-from mlalm.optim import (build_optimizer, muon_dimension_numbers, optimizer_labels,
-                         param_labels)
+from mlalm.optim import build_optimizer, muon_dimension_numbers, optimizer_labels, param_labels
 from mlalm.train import split_model
 
 MLA_MOE = {
     "model": {"vocab_size": 40, "d_model": 32, "n_layers": 2, "ffn_dim": 64, "max_seq_len": 128},
-    "attention": {"kind": "mla", "n_heads": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                  "qk_rope_head_dim": 4, "v_head_dim": 8, "q_lora_rank": 12},
+    "attention": {
+        "kind": "mla",
+        "n_heads": 2,
+        "kv_lora_rank": 16,
+        "qk_nope_head_dim": 8,
+        "qk_rope_head_dim": 4,
+        "v_head_dim": 8,
+        "q_lora_rank": 12,
+    },
     "moe": {"n_routed_experts": 4, "top_k": 2, "expert_ffn_dim": 16, "first_k_dense_replace": 1},
     "optim": {"name": "muon"},
 }
@@ -32,7 +38,8 @@ MLA_MOE = {
 def _named(tree):
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(
-            tree, is_leaf=lambda x: isinstance(x, MuonDimensionNumbers)):
+        tree, is_leaf=lambda x: isinstance(x, MuonDimensionNumbers)
+    ):
         keys = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
         out[".".join(k for k in keys if k != "value")] = leaf
     return out
@@ -44,19 +51,37 @@ def test_every_leaf_has_the_right_optimizer_and_matrix_view():
     labels = _named(optimizer_labels(cfg, params))
     M = "muon"
     expected = {
-        "embed_VD": "adam", "head_DV": "adam", "final_norm.scale": "adam",
-        "blocks.0.attn_norm.scale": "adam", "blocks.0.ffn_norm.scale": "adam",
-        "blocks.0.attn.wq_a_DQ": M, "blocks.0.attn.q_norm.scale": "adam", "blocks.0.attn.wq_b_QNH": M,
-        "blocks.0.attn.wkv_a_DJ": M, "blocks.0.attn.kv_norm.scale": "adam", "blocks.0.attn.wkv_b_RNU": M,
+        "embed_VD": "adam",
+        "head_DV": "adam",
+        "final_norm.scale": "adam",
+        "blocks.0.attn_norm.scale": "adam",
+        "blocks.0.ffn_norm.scale": "adam",
+        "blocks.0.attn.wq_a_DQ": M,
+        "blocks.0.attn.q_norm.scale": "adam",
+        "blocks.0.attn.wq_b_QNH": M,
+        "blocks.0.attn.wkv_a_DJ": M,
+        "blocks.0.attn.kv_norm.scale": "adam",
+        "blocks.0.attn.wkv_b_RNU": M,
         "blocks.0.attn.wo_NGD": M,
-        "blocks.0.ffn.w_gate_DF": M, "blocks.0.ffn.w_up_DF": M, "blocks.0.ffn.w_down_FD": M,
-        "blocks.1.attn_norm.scale": "adam", "blocks.1.ffn_norm.scale": "adam",
-        "blocks.1.attn.wq_a_DQ": M, "blocks.1.attn.q_norm.scale": "adam", "blocks.1.attn.wq_b_QNH": M,
-        "blocks.1.attn.wkv_a_DJ": M, "blocks.1.attn.kv_norm.scale": "adam", "blocks.1.attn.wkv_b_RNU": M,
+        "blocks.0.ffn.w_gate_DF": M,
+        "blocks.0.ffn.w_up_DF": M,
+        "blocks.0.ffn.w_down_FD": M,
+        "blocks.1.attn_norm.scale": "adam",
+        "blocks.1.ffn_norm.scale": "adam",
+        "blocks.1.attn.wq_a_DQ": M,
+        "blocks.1.attn.q_norm.scale": "adam",
+        "blocks.1.attn.wq_b_QNH": M,
+        "blocks.1.attn.wkv_a_DJ": M,
+        "blocks.1.attn.kv_norm.scale": "adam",
+        "blocks.1.attn.wkv_b_RNU": M,
         "blocks.1.attn.wo_NGD": M,
-        "blocks.1.ffn.w_router_DE": "adam", "blocks.1.ffn.w_gate_EDF": M, "blocks.1.ffn.w_up_EDF": M,
-        "blocks.1.ffn.w_down_EFD": M, "blocks.1.ffn.shared.w_gate_DF": M,
-        "blocks.1.ffn.shared.w_up_DF": M, "blocks.1.ffn.shared.w_down_FD": M,
+        "blocks.1.ffn.w_router_DE": "adam",
+        "blocks.1.ffn.w_gate_EDF": M,
+        "blocks.1.ffn.w_up_EDF": M,
+        "blocks.1.ffn.w_down_EFD": M,
+        "blocks.1.ffn.shared.w_gate_DF": M,
+        "blocks.1.ffn.shared.w_up_DF": M,
+        "blocks.1.ffn.shared.w_down_FD": M,
     }
     assert labels == expected  # every leaf, nothing more
     # the balancing bias belongs to no optimizer: it is not among the parameters at all
@@ -81,8 +106,9 @@ GQA_DENSE = {
 
 def _config(name):
     if name == "default":  # configs/default.yaml: MLA without q LoRA, layer 0 dense, 1-3 MoE
-        return load_config(os.path.join(ROOT, "configs", "default.yaml"),
-                           ["model.vocab_size=257", "optim.name=muon"])
+        return load_config(
+            os.path.join(ROOT, "configs", "default.yaml"), ["model.vocab_size=257", "optim.name=muon"]
+        )
     return from_dict({"gqa_dense": GQA_DENSE, "mla_qlora_moe": MLA_MOE}[name])
 
 
@@ -110,18 +136,31 @@ def _expected_views(name, cfg):
 
     if name == "gqa_dense":
         K, H = cfg.n_kv_heads, a.head_dim
-        attn = {"wq_DNH": into_heads(D, N, H), "wk_DKH": into_heads(D, K, H),
-                "wv_DKG": into_heads(D, K, H), "wo_NGD": out_of_heads(N, H, D)}
+        attn = {
+            "wq_DNH": into_heads(D, N, H),
+            "wk_DKH": into_heads(D, K, H),
+            "wv_DKG": into_heads(D, K, H),
+            "wo_NGD": out_of_heads(N, H, D),
+        }
         moe_layers = set()
     else:  # MLA
-        R, P, dn, dv, Q = (a.kv_lora_rank, a.qk_rope_head_dim, a.qk_nope_head_dim,
-                           a.v_head_dim, a.q_lora_rank)
-        attn = {"wkv_a_DJ": matrix(D, R + P), "kv_norm.scale": norm,
-                "wkv_b_RNU": into_heads(R, N, dn + dv),  # W_kvb whole: R x N*(d_n + d_v)
-                "wo_NGD": out_of_heads(N, dv, D)}
+        R, P, dn, dv, Q = (
+            a.kv_lora_rank,
+            a.qk_rope_head_dim,
+            a.qk_nope_head_dim,
+            a.v_head_dim,
+            a.q_lora_rank,
+        )
+        attn = {
+            "wkv_a_DJ": matrix(D, R + P),
+            "kv_norm.scale": norm,
+            "wkv_b_RNU": into_heads(R, N, dn + dv),  # W_kvb whole: R x N*(d_n + d_v)
+            "wo_NGD": out_of_heads(N, dv, D),
+        }
         if Q:
-            attn.update({"wq_a_DQ": matrix(D, Q), "q_norm.scale": norm,
-                         "wq_b_QNH": into_heads(Q, N, dn + P)})  # W_qb whole: Q x N*(d_n + d_r)
+            attn.update(
+                {"wq_a_DQ": matrix(D, Q), "q_norm.scale": norm, "wq_b_QNH": into_heads(Q, N, dn + P)}
+            )  # W_qb whole: Q x N*(d_n + d_r)
         else:
             attn["wq_DNH"] = into_heads(D, N, dn + P)
         moe_layers = set(range(1, L))  # both configs: layer 0 dense, the rest MoE
@@ -132,22 +171,33 @@ def _expected_views(name, cfg):
         want.update({blk + "attn." + k: v for k, v in attn.items()})
         if i in moe_layers:
             Fs = F * e.n_shared_experts
-            ffn = {"w_router_DE": ("router", None), "w_gate_EDF": experts(D, F),
-                   "w_up_EDF": experts(D, F), "w_down_EFD": experts(F, D),
-                   "shared.w_gate_DF": matrix(D, Fs), "shared.w_up_DF": matrix(D, Fs),
-                   "shared.w_down_FD": matrix(Fs, D)}
+            ffn = {
+                "w_router_DE": ("router", None),
+                "w_gate_EDF": experts(D, F),
+                "w_up_EDF": experts(D, F),
+                "w_down_EFD": experts(F, D),
+                "shared.w_gate_DF": matrix(D, Fs),
+                "shared.w_up_DF": matrix(D, Fs),
+                "shared.w_down_FD": matrix(Fs, D),
+            }
         else:
-            ffn = {"w_gate_DF": matrix(D, F_dense), "w_up_DF": matrix(D, F_dense),
-                   "w_down_FD": matrix(F_dense, D)}
+            ffn = {
+                "w_gate_DF": matrix(D, F_dense),
+                "w_up_DF": matrix(D, F_dense),
+                "w_down_FD": matrix(F_dense, D),
+            }
         want.update({blk + "ffn." + k: v for k, v in ffn.items()})
     return want
 
 
 def _leaves(params):
     """{dotted path: Param} of a parameter State."""
-    return {".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): var
-            for path, var in jax.tree_util.tree_leaves_with_path(
-                params, is_leaf=lambda x: isinstance(x, nnx.Variable))}
+    return {
+        ".".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): var
+        for path, var in jax.tree_util.tree_leaves_with_path(
+            params, is_leaf=lambda x: isinstance(x, nnx.Variable)
+        )
+    }
 
 
 def _view(var):
@@ -177,8 +227,7 @@ def test_every_leaf_label_and_muon_view(name):
         else:
             assert _view(var) == view, path
     # what the optimizer does with them: Muon exactly on the matrices with a view
-    assert _named(optimizer_labels(cfg, params)) == {k: "muon" if v[1] else "adam"
-                                                     for k, v in want.items()}
+    assert _named(optimizer_labels(cfg, params)) == {k: "muon" if v[1] else "adam" for k, v in want.items()}
 
 
 class _Renamed(nnx.Module):
@@ -187,19 +236,30 @@ class _Renamed(nnx.Module):
     def __init__(self, rngs):
         # W_kvb-like [R, N, U] under the output projection's name, a router under the
         # embedding's name, a norm scale under a matrix's name
-        self.wo_NHD = param(rngs, (16, 2, 8), ("kv_lora", "heads", "head_dim"), label="hidden",
-                            fan_in=(0,), fan_out=(1, 2))
-        self.embed_VD = param(rngs, (8, 4), ("embed", None), label="router", fan_in=(0,),
-                              fan_out=(1,))
+        self.wo_NHD = param(
+            rngs, (16, 2, 8), ("kv_lora", "heads", "head_dim"), label="hidden", fan_in=(0,), fan_out=(1, 2)
+        )
+        self.embed_VD = param(rngs, (8, 4), ("embed", None), label="router", fan_in=(0,), fan_out=(1,))
         self.w_gate_EDF = param(rngs, (8,), ("norm",), label="norm", init="ones")
-        self.scale = param(rngs, (3, 8, 5), ("experts", "embed", "expert_mlp"), label="hidden",
-                           batch=(0,), fan_in=(1,), fan_out=(2,))
+        self.scale = param(
+            rngs,
+            (3, 8, 5),
+            ("experts", "embed", "expert_mlp"),
+            label="hidden",
+            batch=(0,),
+            fan_in=(1,),
+            fan_out=(2,),
+        )
 
 
 def test_labels_and_views_come_from_metadata_not_names():
     _, params = nnx.split(_Renamed(nnx.Rngs(0)))
-    assert _named(param_labels(params)) == {"wo_NHD": "hidden", "embed_VD": "router",
-                                            "w_gate_EDF": "norm", "scale": "hidden"}
+    assert _named(param_labels(params)) == {
+        "wo_NHD": "hidden",
+        "embed_VD": "router",
+        "w_gate_EDF": "norm",
+        "scale": "hidden",
+    }
     assert _view(params["wo_NHD"]) == ((0,), (1, 2), (), (1, 16, 16))
     assert _view(params["scale"]) == ((1,), (2,), (0,), (3, 8, 5))
     # moved to another place in the tree, under yet other names: the same
@@ -220,8 +280,7 @@ def test_a_leaf_without_roles_is_refused():
     with pytest.raises(ValueError, match=r"\['head_DV'\].*no 'label' metadata"):
         param_labels({"head_DV": nnx.Param(jnp.zeros((4, 4)))})
     with pytest.raises(ValueError, match="cover all 3 axes"):  # an axis left out
-        param(nnx.Rngs(0), (2, 3, 4), (None, None, None), label="hidden", fan_in=(0,),
-              fan_out=(1,))
+        param(nnx.Rngs(0), (2, 3, 4), (None, None, None), label="hidden", fan_in=(0,), fan_out=(1,))
     with pytest.raises(ValueError, match="label 'matrix'"):
         param(nnx.Rngs(0), (2, 3), (None, None), label="matrix", fan_in=(0,), fan_out=(1,))
 
@@ -251,9 +310,20 @@ def test_muon_step_orthogonalises_the_matrix_its_roles_describe(leaf):
       experts [E, D, F]       -> E matrices D x F, each on its own.
     (With zero momentum the first Nesterov step is a positive multiple of G, which the
     Frobenius pre-normalisation removes.)"""
-    cfg = from_dict({**MLA_MOE, "optim": {"name": "muon", "warmup_steps": 0, "lr": 1.0,
-                                          "schedule": "constant", "clip_norm": 0.0,
-                                          "weight_decay": 0.0, "muon_scale": "rms"}})
+    cfg = from_dict(
+        {
+            **MLA_MOE,
+            "optim": {
+                "name": "muon",
+                "warmup_steps": 0,
+                "lr": 1.0,
+                "schedule": "constant",
+                "clip_norm": 0.0,
+                "weight_decay": 0.0,
+                "muon_scale": "rms",
+            },
+        }
+    )
     _, params, _ = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
     block = params["blocks"][1]
     var = block["ffn"][leaf] if leaf.startswith("w_gate") else block["attn"][leaf]
@@ -301,16 +371,25 @@ def test_newton_schulz_singular_values(shape):
 
 
 def _muon_tx(steps=40, **optim):
-    cfg = from_dict({"model": {"vocab_size": 40},
-                     "optim": {"name": "muon", "warmup_steps": 0, "schedule": "constant",
-                               "clip_norm": 0.0, "weight_decay": 0.0, **optim}})
+    cfg = from_dict(
+        {
+            "model": {"vocab_size": 40},
+            "optim": {
+                "name": "muon",
+                "warmup_steps": 0,
+                "schedule": "constant",
+                "clip_norm": 0.0,
+                "weight_decay": 0.0,
+                **optim,
+            },
+        }
+    )
     return build_optimizer(cfg, steps)[0]
 
 
 def _matrix(shape, value=None):
     """A 'hidden' [in, out] parameter (a Muon matrix), zeros or ``value``."""
-    var = param(nnx.Rngs(0), shape, (None, None), label="hidden", fan_in=(0,), fan_out=(1,),
-                init="zeros")
+    var = param(nnx.Rngs(0), shape, (None, None), label="hidden", fan_in=(0,), fan_out=(1,), init="zeros")
     if value is not None:
         var.set_value(jnp.asarray(value, jnp.float32))
     return var
@@ -363,38 +442,58 @@ def test_optimizer_state_shapes_match_parameters():
     # Muon momentum for each Muon leaf, Adam mu and nu for each Adam leaf
     labels = jax.tree.leaves(optimizer_labels(cfg, params))
     shapes = [x.shape for x in jax.tree.leaves(params)]
-    want = sorted([s for s, l in zip(shapes, labels) if l == "muon"] +
-                  2 * [s for s, l in zip(shapes, labels) if l == "adam"])
+    want = sorted(
+        [s for s, l in zip(shapes, labels) if l == "muon"]
+        + 2 * [s for s, l in zip(shapes, labels) if l == "adam"]
+    )
     got = sorted(x.shape for x in jax.tree.leaves(state) if x.ndim >= 1 and x.shape != (3,))
     assert got == want
     assert len(param_shapes) == len(labels)
 
 
-@pytest.mark.parametrize("optim, message", [
-    ({"name": "lion"}, "optim.name"),
-    ({"ns_coeffs": [1.0, 2.0]}, "three finite numbers"),
-    ({"ns_coeffs": [-1.0, 0.0, 0.0]}, "does not orthogonalise"),
-    ({"ns_coeffs": [1.0, -5.0, 0.0]}, "does not orthogonalise"),
-    ({"ns_coeffs": [[3.4, -4.7, 2.0], [3.4, -4.7, 2.0]], "ns_steps": 5}, "fewer than optim.ns_steps"),
-    ({"ns_steps": 0}, "optim.ns_steps"),
-    ({"muon_momentum": 1.0}, "optim.muon_momentum"),
-    ({"muon_scale": "spectral"}, "optim.muon_scale"),
-])
+@pytest.mark.parametrize(
+    "optim, message",
+    [
+        ({"name": "lion"}, "optim.name"),
+        ({"ns_coeffs": [1.0, 2.0]}, "three finite numbers"),
+        ({"ns_coeffs": [-1.0, 0.0, 0.0]}, "does not orthogonalise"),
+        ({"ns_coeffs": [1.0, -5.0, 0.0]}, "does not orthogonalise"),
+        ({"ns_coeffs": [[3.4, -4.7, 2.0], [3.4, -4.7, 2.0]], "ns_steps": 5}, "fewer than optim.ns_steps"),
+        ({"ns_steps": 0}, "optim.ns_steps"),
+        ({"muon_momentum": 1.0}, "optim.muon_momentum"),
+        ({"muon_scale": "spectral"}, "optim.muon_scale"),
+    ],
+)
 def test_config_errors(optim, message):
     with pytest.raises(ConfigError, match=message):
         from_dict({"optim": {"name": "muon", **optim} if "name" not in optim else optim})
 
 
-@pytest.mark.parametrize("attention", [
-    {"kind": "mla", "q_lora_rank": 12}, {"kind": "mla", "q_lora_rank": 0},
-    {"kind": "mha", "head_dim": 8}, {"kind": "gqa", "n_kv_heads": 2, "head_dim": 8},
-])
+@pytest.mark.parametrize(
+    "attention",
+    [
+        {"kind": "mla", "q_lora_rank": 12},
+        {"kind": "mla", "q_lora_rank": 0},
+        {"kind": "mha", "head_dim": 8},
+        {"kind": "gqa", "n_kv_heads": 2, "head_dim": 8},
+    ],
+)
 def test_qk_clip_brings_each_head_back_to_tau(attention):
     """After QK-clip the same input gives max logits min(old, tau) per head (MHA and MLA
     exactly: every logit of a clipped head scales by gamma; GQA: at most that)."""
-    cfg = from_dict({"model": {"vocab_size": 40, "d_model": 32, "n_layers": 2, "init_std": 0.5, "max_seq_len": 128},
-                     "attention": {"n_heads": 4, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                                   "qk_rope_head_dim": 4, "v_head_dim": 8, **attention}})
+    cfg = from_dict(
+        {
+            "model": {"vocab_size": 40, "d_model": 32, "n_layers": 2, "init_std": 0.5, "max_seq_len": 128},
+            "attention": {
+                "n_heads": 4,
+                "kv_lora_rank": 16,
+                "qk_nope_head_dim": 8,
+                "qk_rope_head_dim": 4,
+                "v_head_dim": 8,
+                **attention,
+            },
+        }
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 40)
     # the first layer's input does not depend on attention weights, so compare layer 0
@@ -411,18 +510,30 @@ def test_qk_clip_brings_each_head_back_to_tau(attention):
 
 
 def test_rope_key_untouched_by_mla_qk_clip():
-    cfg = from_dict({"model": {"vocab_size": 40, "d_model": 32, "n_layers": 1, "max_seq_len": 128},
-                     "attention": {"n_heads": 2, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
-                                   "qk_rope_head_dim": 4, "v_head_dim": 8}})
+    cfg = from_dict(
+        {
+            "model": {"vocab_size": 40, "d_model": 32, "n_layers": 1, "max_seq_len": 128},
+            "attention": {
+                "n_heads": 2,
+                "kv_lora_rank": 16,
+                "qk_nope_head_dim": 8,
+                "qk_rope_head_dim": 4,
+                "v_head_dim": 8,
+            },
+        }
+    )
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     attn = model.blocks[0].attn
-    kva, kvb, wq = (np.asarray(attn.wkv_a_DJ[...]), np.asarray(attn.wkv_b_RNU[...]),
-                    np.asarray(attn.wq_DNH[...]))
+    kva, kvb, wq = (
+        np.asarray(attn.wkv_a_DJ[...]),
+        np.asarray(attn.wkv_b_RNU[...]),
+        np.asarray(attn.wq_DNH[...]),
+    )
     attn.clip_qk(jnp.asarray([0.25, 1.0]))
     np.testing.assert_array_equal(np.asarray(attn.wkv_a_DJ[...]), kva)  # c_kv and shared k_pe
     got_q, got_kv = np.asarray(attn.wq_DNH[...]), np.asarray(attn.wkv_b_RNU[...])
-    np.testing.assert_allclose(got_q[:, 0, :8], 0.5 * wq[:, 0, :8], rtol=1e-6)   # q_nope: sqrt
+    np.testing.assert_allclose(got_q[:, 0, :8], 0.5 * wq[:, 0, :8], rtol=1e-6)  # q_nope: sqrt
     np.testing.assert_allclose(got_q[:, 0, 8:], 0.25 * wq[:, 0, 8:], rtol=1e-6)  # q_pe: gamma
     np.testing.assert_allclose(got_kv[:, 0, :8], 0.5 * kvb[:, 0, :8], rtol=1e-6)  # k_nope: sqrt
-    np.testing.assert_array_equal(got_kv[:, 0, 8:], kvb[:, 0, 8:])               # values
-    np.testing.assert_array_equal(got_q[:, 1], wq[:, 1])                         # gamma 1 head
+    np.testing.assert_array_equal(got_kv[:, 0, 8:], kvb[:, 0, 8:])  # values
+    np.testing.assert_array_equal(got_q[:, 1], wq[:, 1])  # gamma 1 head

@@ -46,6 +46,7 @@ def _names_split(names, f):
 # Splits: the same as today's in-memory rule
 # =======================================================================================
 
+
 @pytest.mark.parametrize("f", [0.1, 0.25, 0.5, 0.33])
 def test_single_document_split_cuts_at_the_same_byte(tmp_path, f):
     text = ("ab✓é🎉\n" * 300).encode()
@@ -116,11 +117,15 @@ def test_jsonl_records_split_by_file_and_line(tmp_path):
 def test_edge_cases_each_side_keeps_a_document(tmp_path, kind):
     # no document hashes into val at f=0.001 -> the last one validates
     names = ["a0", "a1", "a2"]
-    assert all(zlib.crc32(n.encode()) % 1000 >= 1 for n in [f"{x}.txt" for x in names] +
-               [f"r.jsonl:{i}" for i in (1, 2, 3)])
+    assert all(
+        zlib.crc32(n.encode()) % 1000 >= 1
+        for n in [f"{x}.txt" for x in names] + [f"r.jsonl:{i}" for i in (1, 2, 3)]
+    )
     # every document hashes into val at f=0.999 (none above 999 here) -> the first one trains
-    assert all(zlib.crc32(n.encode()) % 1000 < 999 for n in [f"{x}.txt" for x in names] +
-               [f"r.jsonl:{i}" for i in (1, 2, 3)])
+    assert all(
+        zlib.crc32(n.encode()) % 1000 < 999
+        for n in [f"{x}.txt" for x in names] + [f"r.jsonl:{i}" for i in (1, 2, 3)]
+    )
     texts = [f"text {n}\n".encode() for n in names]
     if kind == "text":
         d = tmp_path / "c"
@@ -150,9 +155,11 @@ def test_val_fraction_zero_puts_everything_in_train(tmp_path):
 # Shards, workers
 # =======================================================================================
 
+
 def _mixed_corpus(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     d = tmp_path / "mixed"
     d.mkdir()
     rng = np.random.default_rng(0)
@@ -160,10 +167,13 @@ def _mixed_corpus(tmp_path):
     for i in range(6):
         (d / f"t{i}.txt").write_text(" ".join(rng.choice(words, 300 + 50 * i)) + "\n")
     with open(d / "r.jsonl", "w") as f:
-        for i in range(50):
+        for _ in range(50):
             f.write(json.dumps({"text": " ".join(rng.choice(words, 40))}) + "\n")
-    pq.write_table(pa.table({"text": [" ".join(rng.choice(words, 30)) for _ in range(40)]}),
-                   d / "p.parquet", row_group_size=7)
+    pq.write_table(
+        pa.table({"text": [" ".join(rng.choice(words, 30)) for _ in range(40)]}),
+        d / "p.parquet",
+        row_group_size=7,
+    )
     return d
 
 
@@ -187,6 +197,7 @@ def test_shard_size_does_not_change_the_stream(tmp_path):
 
 def test_output_does_not_depend_on_worker_count(tmp_path, monkeypatch):
     from mlalm.data import memory
+
     monkeypatch.setattr(memory, "MAX_BATCH", 1024)  # dozens of batches, several in flight
     d = _mixed_corpus(tmp_path)
     assert sum(os.path.getsize(d / f) for f in os.listdir(d)) > 20 * 1024
@@ -206,6 +217,7 @@ def test_output_does_not_depend_on_worker_count(tmp_path, monkeypatch):
 # =======================================================================================
 # Interruptions, verification
 # =======================================================================================
+
 
 def test_interrupted_prepare_leaves_no_manifest_and_rerun_is_identical(tmp_path, monkeypatch):
     d = _mixed_corpus(tmp_path)
@@ -232,7 +244,9 @@ def test_interrupted_prepare_leaves_no_manifest_and_rerun_is_identical(tmp_path,
     (out / "train-00007.bin").write_bytes(b"stale")
     (out / ".train-00000.bin.123-abc.tmp").write_bytes(b"stale")
     prepare([d], out, shard_bytes=2000)
-    assert PreparedData.open(out).manifest["splits"] == PreparedData.open(tmp_path / "clean").manifest["splits"]
+    assert (
+        PreparedData.open(out).manifest["splits"] == PreparedData.open(tmp_path / "clean").manifest["splits"]
+    )
     assert sorted(os.listdir(out)) == sorted(os.listdir(tmp_path / "clean"))
 
 
@@ -240,16 +254,18 @@ def test_killed_prepare_process_leaves_no_manifest(tmp_path):
     d = tmp_path / "big"
     d.mkdir()
     for i in range(30):
-        (d / f"f{i}.txt").write_bytes(os.urandom(1 << 20).hex().encode()[:1 << 20])
-    code = ("import os, sys; sys.path.insert(0, %r)\n"
-            "from mlalm.data import shards\n"
-            "orig = shards.ShardWriter._close\n"
-            "def close(self):\n"
-            "    orig(self)\n"
-            "    if len(self.shards) == 2: os.kill(os.getpid(), 9)\n"
-            "shards.ShardWriter._close = close\n"
-            "from mlalm.data.prepare import prepare\n"
-            "prepare([%r], %r, shard_bytes=1 << 20, workers=0)\n" % (ROOT, str(d), str(tmp_path / "out")))
+        (d / f"f{i}.txt").write_bytes(os.urandom(1 << 20).hex().encode()[: 1 << 20])
+    code = (
+        "import os, sys; sys.path.insert(0, {!r})\n"
+        "from mlalm.data import shards\n"
+        "orig = shards.ShardWriter._close\n"
+        "def close(self):\n"
+        "    orig(self)\n"
+        "    if len(self.shards) == 2: os.kill(os.getpid(), 9)\n"
+        "shards.ShardWriter._close = close\n"
+        "from mlalm.data.prepare import prepare\n"
+        "prepare([{!r}], {!r}, shard_bytes=1 << 20, workers=0)\n".format(ROOT, str(d), str(tmp_path / "out"))
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
     assert r.returncode == -9
     assert not (tmp_path / "out" / "manifest.json").exists()
@@ -273,7 +289,7 @@ def test_truncated_missing_or_edited_shard_is_a_data_error(tmp_path, monkeypatch
     monkeypatch.setattr(shards_mod, "AUTO_VERIFY_BYTES", 0)
     PreparedData.open(out)  # a large one is only size-checked on open ...
     with pytest.raises(DataError, match="contents differ"):
-        verify(out)         # ... and fully by --verify
+        verify(out)  # ... and fully by --verify
     shard.unlink()
     with pytest.raises(DataError, match=r"train-00001\.bin: missing"):
         PreparedData.open(out)
@@ -310,8 +326,14 @@ def test_manifest_records_sources_and_counts(tmp_path):
         # byte tokenizer: tokens = text bytes + one end-of-text per document
         assert sp["tokens"] == sp["text_bytes"] + sp["documents"]
     total = sum(os.path.getsize(d / f) for f in files if f.endswith(".txt"))
-    assert m["tokenizer"] == {"name": "byte", "fingerprint": "byte-v1", "file": None, "vocab_size": 257,
-                              "eos_id": 256, "eos_token": "<|endoftext|>"}
+    assert m["tokenizer"] == {
+        "name": "byte",
+        "fingerprint": "byte-v1",
+        "file": None,
+        "vocab_size": 257,
+        "eos_id": 256,
+        "eos_token": "<|endoftext|>",
+    }
     assert total > 0 and m["dtype"] == "uint16" and m["checksum"] == "crc32"
 
 
@@ -320,14 +342,22 @@ def test_token_stream_indexing_matches_numpy(tmp_path):
     paths, counts, pos = [], [], 0
     for i, n in enumerate([7, 1, 1000, 992, 1000]):
         p = tmp_path / f"s{i}.bin"
-        p.write_bytes(ref[pos:pos + n].astype("<u2").tobytes())
+        p.write_bytes(ref[pos : pos + n].astype("<u2").tobytes())
         paths.append(p)
         counts.append(n)
         pos += n
     s = TokenStream(paths, counts, "<u2")
     assert len(s) == 3000 and s.shape == (3000,)
-    for key in [slice(0, 7), slice(5, 9), slice(6, 1010), slice(None), slice(-5, None), slice(2990, 5000),
-                slice(100, 50), slice(0, 3000, 7)]:
+    for key in [
+        slice(0, 7),
+        slice(5, 9),
+        slice(6, 1010),
+        slice(None),
+        slice(-5, None),
+        slice(2990, 5000),
+        slice(100, 50),
+        slice(0, 3000, 7),
+    ]:
         np.testing.assert_array_equal(s[key], ref[key])
     assert int(s[8]) == 8 and int(s[-1]) == 2999
     with pytest.raises(IndexError):
@@ -347,9 +377,14 @@ def test_memory_budget_too_small_is_a_config_error(tmp_path):
 # Command line
 # =======================================================================================
 
+
 def _cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "prepare.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "prepare.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_command_line_prepare_verify_and_errors(tmp_path):
@@ -364,5 +399,8 @@ def test_command_line_prepare_verify_and_errors(tmp_path):
     r = _cli("--verify", tmp_path / "out")
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "val-00000.bin" in r.stderr
     r = _cli(tmp_path / "missing.txt", "--out", tmp_path / "o2")
-    assert r.returncode == 2 and r.stderr.strip() == f"error: INPUT: no such file or directory: {tmp_path / 'missing.txt'}"
+    assert (
+        r.returncode == 2
+        and r.stderr.strip() == f"error: INPUT: no such file or directory: {tmp_path / 'missing.txt'}"
+    )
     assert not (tmp_path / "o2").exists()

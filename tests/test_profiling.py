@@ -39,24 +39,45 @@ def test_instructions_carry_the_scopes_and_phases():
     assert any(p == "attention core: mask, softmax, block slices" for _, p in parts)  # tanh
 
 
-@pytest.mark.parametrize("op_name,opcode,want", [
-    ("jit(step)/jvp(attention)/core/BNTH,BNSH->BNTS/dot_general", "dot",
-     ("forward", "matmul", "attention core: QK and PV products")),
-    ("jit(step)/transpose(jvp(attention))/core/reduce_sum", "fusion",
-     ("backward", "elementwise/reduce", "attention core: mask, softmax, block slices")),
-    ("jit(step)/jvp(attention)/rope/mul", "fusion", ("forward", "elementwise/reduce", "attention: rope")),
-    ("jit(step)/jvp(attention)/dot_general", "dot", ("forward", "matmul", "attention projections")),
-    ("jit(step)/jvp(moe)/experts/ECD,EDF->ECF/dot_general", "dot",
-     ("forward", "matmul", "routed experts (matmuls)")),
-    ("jit(step)/jvp(moe)/router/logistic", "fusion", ("forward", "elementwise/reduce", "MoE router")),
-    ("jit(step)/transpose(jvp(moe))/shared/dot_general", "dot",
-     ("backward", "matmul", "dense FFN / shared expert (matmuls)")),
-    ("jit(step)/jvp(lm_head_loss)/exp", "fusion",
-     ("forward", "elementwise/reduce", "LM head + loss (softmax, elementwise)")),
-    ("jit(step)/jvp(attention)/norm/rsqrt", "fusion", ("forward", "elementwise/reduce", "norms")),
-    ("jit(step)/optimizer/cond/add", "fusion",
-     ("update (optimizer, guards, bias)", "elementwise/reduce", "update: clip, AdamW, guard, bias")),
-])
+@pytest.mark.parametrize(
+    "op_name,opcode,want",
+    [
+        (
+            "jit(step)/jvp(attention)/core/BNTH,BNSH->BNTS/dot_general",
+            "dot",
+            ("forward", "matmul", "attention core: QK and PV products"),
+        ),
+        (
+            "jit(step)/transpose(jvp(attention))/core/reduce_sum",
+            "fusion",
+            ("backward", "elementwise/reduce", "attention core: mask, softmax, block slices"),
+        ),
+        ("jit(step)/jvp(attention)/rope/mul", "fusion", ("forward", "elementwise/reduce", "attention: rope")),
+        ("jit(step)/jvp(attention)/dot_general", "dot", ("forward", "matmul", "attention projections")),
+        (
+            "jit(step)/jvp(moe)/experts/ECD,EDF->ECF/dot_general",
+            "dot",
+            ("forward", "matmul", "routed experts (matmuls)"),
+        ),
+        ("jit(step)/jvp(moe)/router/logistic", "fusion", ("forward", "elementwise/reduce", "MoE router")),
+        (
+            "jit(step)/transpose(jvp(moe))/shared/dot_general",
+            "dot",
+            ("backward", "matmul", "dense FFN / shared expert (matmuls)"),
+        ),
+        (
+            "jit(step)/jvp(lm_head_loss)/exp",
+            "fusion",
+            ("forward", "elementwise/reduce", "LM head + loss (softmax, elementwise)"),
+        ),
+        ("jit(step)/jvp(attention)/norm/rsqrt", "fusion", ("forward", "elementwise/reduce", "norms")),
+        (
+            "jit(step)/optimizer/cond/add",
+            "fusion",
+            ("update (optimizer, guards, bias)", "elementwise/reduce", "update: clip, AdamW, guard, bias"),
+        ),
+    ],
+)
 def test_classify(op_name, opcode, want):
     assert _classify("op", opcode, op_name, "") == want
 

@@ -22,8 +22,14 @@ pytestmark = pytest.mark.slow
 
 
 def _train(tmp_path, *extra, **kw):
-    return subprocess.run(train_cmd(tmp_path, "checkpoint.every=10", *extra), env=subprocess_env(),
-                          capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(
+        train_cmd(tmp_path, "checkpoint.every=10", *extra),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def _error_lines(stderr):
@@ -38,7 +44,9 @@ def test_a_run_stopped_before_its_first_checkpoint_is_reused_then_resumed(refere
     first = _train(tmp_path, "optim.lr=1e30", "optim.warmup_steps=0", "optim.clip_norm=0")
     assert first.returncode == 1 and "non-finite" in first.stderr
     run = os.path.join(tmp_path, "r")
-    assert os.path.isfile(os.path.join(run, "metrics.jsonl")) and not os.path.isdir(os.path.join(run, "checkpoints", "10"))
+    assert os.path.isfile(os.path.join(run, "metrics.jsonl")) and not os.path.isdir(
+        os.path.join(run, "checkpoints", "10")
+    )
     rc, out = start_and_interrupt(tmp_path, signal.SIGKILL)
     assert rc == -signal.SIGKILL and "no checkpoint" in out and "from step 0" in out
     with open(os.path.join(run, "metrics.jsonl"), "a") as f:
@@ -105,14 +113,24 @@ def test_resume_of_a_file_or_an_export_is_one_line(tmp_path, what, message):
 def test_a_second_run_into_the_same_directory_is_refused_naming_the_holder(tmp_path):
     """Before: the second run deleted the first one's save in flight, and both appended to
     metrics.jsonl."""
-    first = subprocess.Popen(train_cmd(tmp_path, "train.steps=100000", "checkpoint.every=50"),
-                             env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    first = subprocess.Popen(
+        train_cmd(tmp_path, "train.steps=100000", "checkpoint.every=50"),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     metrics = os.path.join(tmp_path, "r", "metrics.jsonl")
     deadline = time.time() + 300
     while not (os.path.isfile(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
         time.sleep(0.05)
-    second = subprocess.run(train_cmd(tmp_path, "train.steps=100000"), env=subprocess_env(),
-                            capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        train_cmd(tmp_path, "train.steps=100000"),
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     first.send_signal(signal.SIGTERM)
     out, _ = first.communicate(timeout=300)
     lines = _error_lines(second.stderr)
@@ -125,6 +143,7 @@ def _limited_file_size(limit):
     def preexec():
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return preexec
 
 
@@ -143,8 +162,9 @@ def test_double_ctrl_c_during_compilation_never_crashes(tmp_path):
     Signals that arrive while XLA compiles are handled once compilation returns (two
     Ctrl-C then count as one: a clean stop); one that comes after the first was handled
     aborts at once (exit 130)."""
-    proc = subprocess.Popen(train_cmd(tmp_path), env=subprocess_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(tmp_path), env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     for line in proc.stdout:
         if "compiling the train step" in line:
             break
@@ -164,8 +184,13 @@ def test_sigterm_during_the_final_evaluation_then_the_same_command_finishes_it(r
     (-15) without summary.json.  Now it exits 0 with the final checkpoint saved, and the
     same command evaluates and writes the summary without training again."""
     extra = ("train.final_eval_batches=0", "train.log_every=10")
-    proc = subprocess.Popen(train_cmd(tmp_path, "checkpoint.every=10", *extra), env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(tmp_path, "checkpoint.every=10", *extra),
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout:
         if "final evaluation" in line:
             break
@@ -189,8 +214,10 @@ def test_sigterm_during_the_final_evaluation_then_the_same_command_finishes_it(r
 
 def test_a_missing_dependency_is_reported_as_such():
     """Before: train.py imported inside its try and ended in UnboundLocalError."""
-    code = ("import sys; sys.modules['optax'] = None; sys.argv = ['train.py', 'train.steps=1']; "
-            f"sys.path.insert(0, {ROOT!r}); from mlalm.cli import train_main; sys.exit(train_main())")
+    code = (
+        "import sys; sys.modules['optax'] = None; sys.argv = ['train.py', 'train.steps=1']; "
+        f"sys.path.insert(0, {ROOT!r}); from mlalm.cli import train_main; sys.exit(train_main())"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
     assert out.returncode == 1
     assert "ModuleNotFoundError" in out.stderr and "optax" in out.stderr

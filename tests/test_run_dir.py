@@ -14,8 +14,7 @@ import pytest
 
 from conftest import tiny
 from mlalm.errors import CheckpointError, ConfigError
-from mlalm.train.run_dir import (RunLock, plan_run, set_aside_after, truncate_metrics,
-                                 write_json_atomic)
+from mlalm.train.run_dir import RunLock, plan_run, set_aside_after, truncate_metrics, write_json_atomic
 
 
 def _cfg(runs, resume="auto", name="r"):
@@ -100,13 +99,16 @@ def test_resuming_another_run_continues_in_the_configured_directory_and_says_so(
     assert "train.name=other" in plan.note
 
 
-@pytest.mark.parametrize("what, message", [
-    ("missing", "no such checkpoint or run directory"),
-    ("file", "is a file"),
-    ("params export", "exported model"),
-    ("hf export", "exported model"),
-    ("empty run", "holds no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "what, message",
+    [
+        ("missing", "no such checkpoint or run directory"),
+        ("file", "is a file"),
+        ("params export", "exported model"),
+        ("hf export", "exported model"),
+        ("empty run", "holds no checkpoint"),
+    ],
+)
 def test_resume_paths_that_cannot_be_resumed(tmp_path, what, message):
     path = tmp_path / "src"
     if what == "file":
@@ -153,8 +155,10 @@ def test_the_lock_names_its_holder_and_is_released_on_exit(tmp_path):
 
 def test_a_lock_left_by_a_killed_process_never_blocks(tmp_path):
     run = str(tmp_path / "r")
-    code = ("import sys, time; from mlalm.train.run_dir import RunLock; RunLock(sys.argv[1]).__enter__(); "
-            "print('locked', flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from mlalm.train.run_dir import RunLock; RunLock(sys.argv[1]).__enter__(); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code, run], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "locked"
     with pytest.raises(ConfigError, match=f"pid {proc.pid}"):

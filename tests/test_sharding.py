@@ -31,32 +31,42 @@ def _env(devices):
 
 def _result(stdout):
     line = [x for x in stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 @pytest.fixture(scope="module", params=["adamw", "muon"])
 def mesh_runs(request):
-    r = subprocess.run([sys.executable, WORKER, "steps", request.param], env=_env(8),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, WORKER, "steps", request.param],
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return request.param, _result(r.stdout)
 
 
+@pytest.mark.slow  # subprocesses with 8 simulated devices
 def test_meshes_match_single_device(mesh_runs):
     optim, runs = mesh_runs
     ref = runs["single"]
     for name in ("data8", "fsdp2_tensor2_expert2", "fsdp4_tensor2"):
-        np.testing.assert_allclose(runs[name]["losses"], ref["losses"], rtol=0, atol=1e-5, err_msg=f"{optim} {name}")
-        np.testing.assert_allclose(runs[name]["grad_norms"], ref["grad_norms"], rtol=1e-5, atol=1e-6,
-                                   err_msg=f"{optim} {name}")
+        np.testing.assert_allclose(
+            runs[name]["losses"], ref["losses"], rtol=0, atol=1e-5, err_msg=f"{optim} {name}"
+        )
+        np.testing.assert_allclose(
+            runs[name]["grad_norms"], ref["grad_norms"], rtol=1e-5, atol=1e-6, err_msg=f"{optim} {name}"
+        )
     assert ref["losses"][-1] < ref["losses"][0]  # the steps did train
 
 
+@pytest.mark.slow  # subprocesses with 8 simulated devices
 def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
     _, runs = mesh_runs
     s = runs["fsdp2_tensor2_expert2"]["specs"]
-    assert s["embed_VD"] == [None, "fsdp"]                 # vocab 64: embed over fsdp
-    assert s["wkv_b_RNU"] == [None, "tensor", None]        # MLA up-projection: heads
+    assert s["embed_VD"] == [None, "fsdp"]  # vocab 64: embed over fsdp
+    assert s["wkv_b_RNU"] == [None, "tensor", None]  # MLA up-projection: heads
     assert s["wq_b_QNH"] == [None, "tensor", None]
     assert s["w_gate_EDF"] == ["expert", "fsdp", "tensor"]  # experts over expert
     assert s["w_gate_DF"] == ["fsdp", "tensor"]
@@ -72,11 +82,15 @@ def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
 def test_logical_rules_fall_back_to_replication():
     class FakeMesh:
         shape = {"data": 2, "fsdp": 4, "tensor": 2, "expert": 1}
+
     assert tuple(logical_to_spec(("vocab", "embed"), (257, 64), FakeMesh())) == (None, "fsdp")
     assert tuple(logical_to_spec(("embed", "mlp"), (30, 64), FakeMesh())) == (None, "tensor")
     assert tuple(logical_to_spec(("batch", None), (16, 5), FakeMesh())) == (("data", "fsdp"), None)
-    assert tuple(logical_to_spec(("experts", "embed", "expert_mlp"), (4, 64, 8), FakeMesh())) == \
-        (None, "fsdp", "tensor")
+    assert tuple(logical_to_spec(("experts", "embed", "expert_mlp"), (4, 64, 8), FakeMesh())) == (
+        None,
+        "fsdp",
+        "tensor",
+    )
 
 
 def test_mesh_that_does_not_fit_is_a_config_error():
@@ -93,24 +107,63 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # subprocesses with 8 simulated devices
 def test_two_processes_equal_one(tmp_path):
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(300))
     (tmp_path / "c.txt").write_text(text)
-    common = [f"data.path={tmp_path / 'c.txt'}", f"data.cache_dir={tmp_path / 'cache'}",
-              "model.d_model=32", "model.n_layers=2", "model.ffn_dim=64", "attention.n_heads=4",
-              "attention.kv_lora_rank=16", "attention.qk_nope_head_dim=8", "attention.qk_rope_head_dim=4",
-              "attention.v_head_dim=8", "moe.n_routed_experts=4", "moe.expert_ffn_dim=16",
-              "moe.dispatch=dropless", "train.steps=3", "train.batch_size=8", "train.seq_len=16",
-              "train.log_every=1", "train.eval_every=1000", "train.final_eval_batches=2",
-              "train.progress=false", "mesh.data=4", "mesh.fsdp=2"]
-    one = subprocess.run([sys.executable, WORKER, "train", *common, f"train.run_dir={tmp_path / 'one'}",
-                          "train.name=r"], env=_env(8), capture_output=True, text=True, timeout=600)
+    common = [
+        f"data.path={tmp_path / 'c.txt'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.d_model=32",
+        "model.n_layers=2",
+        "model.ffn_dim=64",
+        "attention.n_heads=4",
+        "attention.kv_lora_rank=16",
+        "attention.qk_nope_head_dim=8",
+        "attention.qk_rope_head_dim=4",
+        "attention.v_head_dim=8",
+        "moe.n_routed_experts=4",
+        "moe.expert_ffn_dim=16",
+        "moe.dispatch=dropless",
+        "train.steps=3",
+        "train.batch_size=8",
+        "train.seq_len=16",
+        "train.log_every=1",
+        "train.eval_every=1000",
+        "train.final_eval_batches=2",
+        "train.progress=false",
+        "mesh.data=4",
+        "mesh.fsdp=2",
+    ]
+    one = subprocess.run(
+        [sys.executable, WORKER, "train", *common, f"train.run_dir={tmp_path / 'one'}", "train.name=r"],
+        env=_env(8),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     port = _free_port()
-    procs = [subprocess.Popen([sys.executable, WORKER, "train", *common, f"train.run_dir={tmp_path / 'two'}",
-                               "train.name=r", f"mesh.coordinator=127.0.0.1:{port}", "mesh.num_processes=2",
-                               f"mesh.process_id={i}"], env=_env(4), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                WORKER,
+                "train",
+                *common,
+                f"train.run_dir={tmp_path / 'two'}",
+                "train.name=r",
+                f"mesh.coordinator=127.0.0.1:{port}",
+                "mesh.num_processes=2",
+                f"mesh.process_id={i}",
+            ],
+            env=_env(4),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
@@ -124,6 +177,6 @@ def test_two_processes_equal_one(tmp_path):
     assert len(l1) == 3
     np.testing.assert_allclose(l2, l1, rtol=0, atol=1e-5)
     np.testing.assert_allclose(v2, v1, rtol=0, atol=1e-5)
-    assert "2 processes" in outs[0][0]   # process 0 logged the run ...
+    assert "2 processes" in outs[0][0]  # process 0 logged the run ...
     for marker in ("run dir", "step 1/", "done:"):  # ... process 1 stayed silent (gloo's own
-        assert marker not in outs[1][0]              # connection notes aside)
+        assert marker not in outs[1][0]  # connection notes aside)

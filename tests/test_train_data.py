@@ -28,11 +28,20 @@ def _docs(tmp_path, n=40, seed=0, name="docs"):
 
 
 def _cfg(tmp_path, name, **data):
-    return tiny(model={"vocab_size": None},
-                data={"cache_dir": str(tmp_path / "cache"), **data},
-                train={"steps": 12, "run_dir": str(tmp_path / "runs"), "name": name, "log_every": 1,
-                       "eval_every": 6, "eval_batches": 2, "progress": False},
-                optim={"lr": 1e-2})
+    return tiny(
+        model={"vocab_size": None},
+        data={"cache_dir": str(tmp_path / "cache"), **data},
+        train={
+            "steps": 12,
+            "run_dir": str(tmp_path / "runs"),
+            "name": name,
+            "log_every": 1,
+            "eval_every": 6,
+            "eval_batches": 2,
+            "progress": False,
+        },
+        optim={"lr": 1e-2},
+    )
 
 
 def _rows(tmp_path, name):
@@ -50,18 +59,27 @@ def test_a_prepared_directory_trains_exactly_like_its_raw_text(tmp_path):
     raw = train(_cfg(tmp_path, "raw", path=str(docs)), log=lambda *_: None).summary
     prepared = train(_cfg(tmp_path, "prepared", path=str(tmp_path / "prepared")), log=lambda *_: None).summary
     assert _losses(_rows(tmp_path, "raw")) == _losses(_rows(tmp_path, "prepared"))
-    assert raw["val_loss"] == prepared["val_loss"] and raw["val_bits_per_byte"] == prepared["val_bits_per_byte"]
+    assert (
+        raw["val_loss"] == prepared["val_loss"] and raw["val_bits_per_byte"] == prepared["val_bits_per_byte"]
+    )
 
 
 def _pretrained_tokenizer(path, texts):
     """A BPE tokenizer.json with '</s>' as its end-of-text token (no '<|endoftext|>')."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<pad>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.train_from_iterator(
+        texts,
+        trainer=trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<pad>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     os.makedirs(path, exist_ok=True)
     tok.save(os.path.join(path, "tokenizer.json"))
     return os.path.join(path, "tokenizer.json"), tok.token_to_id("</s>"), tok.get_vocab_size()
@@ -76,6 +94,7 @@ def test_a_pretrained_tokenizer_end_to_end(tmp_path):
     from mlalm.cli import eval_main
     from mlalm.generate import generate_text
     from mlalm.inference import load_for_inference
+
     docs = _docs(tmp_path)
     texts = [p.read_text() for p in sorted(docs.iterdir())]
     path, eos_id, vocab = _pretrained_tokenizer(str(tmp_path / "tok"), texts)
@@ -94,6 +113,7 @@ def test_a_pretrained_tokenizer_end_to_end(tmp_path):
     (text,) = generate_text(model, tok, ["the cat"], 5)
     assert isinstance(text, str)
     from mlalm.hf import save_pretrained
+
     hf = str(tmp_path / "hf")
     save_pretrained(model, cfg, hf, eos_token_id=tok.eos_id)
     tok.save(hf)
@@ -119,10 +139,13 @@ def test_a_mixture_logs_tokens_per_source_and_resumes_bit_for_bit(tmp_path):
     assert counts[str(tmp_path / "pa")] == pytest.approx(0.75 * tokens, rel=0.15)
     # back to checkpoint 6 of the same run: steps 7-12 again, equal bit for bit, and the
     # per-source counts carried on from the checkpoint
-    again = dataclasses.replace(full, train=dataclasses.replace(
-        full.train, resume=str(tmp_path / "runs" / "full" / "checkpoints" / "6")))
+    again = dataclasses.replace(
+        full,
+        train=dataclasses.replace(full.train, resume=str(tmp_path / "runs" / "full" / "checkpoints" / "6")),
+    )
     train(again, log=lambda *_: None)
     resumed = _rows(tmp_path, "full")
-    assert [(r["step"], r.get("loss")) for r in resumed if "loss" in r] == \
-           [(r["step"], r.get("loss")) for r in rows if "loss" in r]
+    assert [(r["step"], r.get("loss")) for r in resumed if "loss" in r] == [
+        (r["step"], r.get("loss")) for r in rows if "loss" in r
+    ]
     assert [r for r in resumed if "tokens_by_source" in r][-1]["tokens_by_source"] == counts

@@ -10,8 +10,10 @@ from mlalm.bench.common import SEED, load_config, log, max_rss_bytes, ratio
 def measure(cfg, *, batch: int, contexts: list, new_tokens: int) -> dict:
     """{'batch', 'new_tokens', 'runs': one per (mode, context), 'peak_memory_bytes'}."""
     from flax import nnx
+
     from mlalm.generate import measure_decode
     from mlalm.model import Transformer
+
     model = Transformer(cfg, rngs=nnx.Rngs(SEED))
     out = {"batch": batch, "new_tokens": new_tokens, "runs": []}
     for absorbed in (True, False):
@@ -26,8 +28,9 @@ def measure(cfg, *, batch: int, contexts: list, new_tokens: int) -> dict:
 
 def worker(spec: dict) -> dict:
     """Spec: 'config', 'overrides', 'batch', 'contexts', 'new_tokens'."""
-    return measure(load_config(spec), batch=spec["batch"], contexts=spec["contexts"],
-                   new_tokens=spec["new_tokens"])
+    return measure(
+        load_config(spec), batch=spec["batch"], contexts=spec["contexts"], new_tokens=spec["new_tokens"]
+    )
 
 
 def summary(dec: dict) -> dict:
@@ -35,6 +38,9 @@ def summary(dec: dict) -> dict:
     table = {"absorbed": {}, "naive": {}}
     for r in dec["runs"]:
         table[r["mode"]][str(r["context"])] = r["tokens_per_s"]
-    return {"decode": table,
-            "decode_absorbed_speedup": {c: ratio(table["absorbed"].get(c), table["naive"].get(c))
-                                        for c in table["absorbed"]}}
+    return {
+        "decode": table,
+        "decode_absorbed_speedup": {
+            c: ratio(table["absorbed"].get(c), table["naive"].get(c)) for c in table["absorbed"]
+        },
+    }

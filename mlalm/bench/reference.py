@@ -18,21 +18,38 @@ import time
 from mlalm.bench.common import SEED, batch_tokens, log, max_rss_bytes, summarise
 
 
-def make_spec(cfg, *, threads: int, attn: str, experts: str, adamw: str, matmul_n: int,
-         steps: int, warmup: int) -> dict:
+def make_spec(
+    cfg, *, threads: int, attn: str, experts: str, adamw: str, matmul_n: int, steps: int, warmup: int
+) -> dict:
     """The reference workload's spec for ``cfg``.
 
     Raises:
         ConfigError: the transformers format cannot express ``cfg`` (``config_to_hf``).
     """
     from mlalm.hf import config_to_hf
+
     o = cfg.optim
-    return {"hf_config": config_to_hf(cfg), "threads": threads, "batch_size": cfg.train.batch_size,
-            "seq_len": cfg.train.seq_len, "attn": attn, "experts": experts, "adamw_impl": adamw,
-            "matmul_n": matmul_n, "steps": steps, "warmup": warmup,
-            "optim": {"lr": o.lr, "b1": o.b1, "b2": o.b2, "eps": o.eps,
-                      "weight_decay": o.weight_decay, "clip_norm": o.clip_norm,
-                      "decay_embeddings": o.decay_embeddings}}
+    return {
+        "hf_config": config_to_hf(cfg),
+        "threads": threads,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "attn": attn,
+        "experts": experts,
+        "adamw_impl": adamw,
+        "matmul_n": matmul_n,
+        "steps": steps,
+        "warmup": warmup,
+        "optim": {
+            "lr": o.lr,
+            "b1": o.b1,
+            "b2": o.b2,
+            "eps": o.eps,
+            "weight_decay": o.weight_decay,
+            "clip_norm": o.clip_norm,
+            "decay_embeddings": o.decay_embeddings,
+        },
+    }
 
 
 def setup(spec: dict, attn: str, experts: str):
@@ -41,6 +58,7 @@ def setup(spec: dict, attn: str, experts: str):
     import numpy as np
     import torch
     import transformers
+
     hcfg = transformers.DeepseekV3Config(**spec["hf_config"])
     torch.manual_seed(SEED)
     kw = {"attn_implementation": attn}
@@ -54,14 +72,18 @@ def setup(spec: dict, attn: str, experts: str):
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         table = "embed_tokens" in name or name.startswith("lm_head")
-        plain = ((table and not o.get("decay_embeddings", False)) or "norm" in name
-                 or name.endswith("mlp.gate.weight"))
+        plain = (
+            (table and not o.get("decay_embeddings", False))
+            or "norm" in name
+            or name.endswith("mlp.gate.weight")
+        )
         (no_decay if plain else decay).append(p)
-    groups = [{"params": decay, "weight_decay": o["weight_decay"]},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     opt_kw = {"fused": True} if spec["adamw_impl"] == "fused" else {"foreach": True}
     opt = torch.optim.AdamW(groups, lr=o["lr"], betas=(o["b1"], o["b2"]), eps=o["eps"], **opt_kw)
-    tokens = torch.from_numpy(batch_tokens(hcfg.vocab_size, spec["batch_size"], spec["seq_len"]).astype(np.int64))
+    tokens = torch.from_numpy(
+        batch_tokens(hcfg.vocab_size, spec["batch_size"], spec["seq_len"]).astype(np.int64)
+    )
     inputs, labels = tokens[:, :-1], tokens[:, 1:].reshape(-1)
     clip = o["clip_norm"]
 
@@ -75,8 +97,10 @@ def setup(spec: dict, attn: str, experts: str):
         opt.step()
         return loss
 
-    resolved = {"attn_implementation": model.config._attn_implementation,
-                "experts_implementation": getattr(model.config, "_experts_implementation", None)}
+    resolved = {
+        "attn_implementation": model.config._attn_implementation,
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+    }
     n_params = sum(p.numel() for p in model.parameters())
     return model, step, resolved, n_params
 
@@ -92,6 +116,7 @@ def time_steps(step, steps: int, warmup: int):
         loss = step()
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
+    assert loss is not None, "steps must be >= 1 (scripts/bench.py checks it)"
     return times, cpu, float(loss.detach())
 
 
@@ -99,8 +124,10 @@ def measure(spec: dict) -> dict:
     """The reference's step times, tokens/s, peak RSS, and torch's own float32 GEMM rate
     at the peak's size (to tell library speed from model code)."""
     import torch
+
     torch.set_num_threads(spec["threads"])
     import transformers
+
     rss_import = max_rss_bytes()
     _, step, resolved, n_params = setup(spec, spec["attn"], spec["experts"])
     times, cpu, loss = time_steps(step, spec["steps"], spec["warmup"])
@@ -116,14 +143,24 @@ def measure(spec: dict) -> dict:
     del a, b
     tokens = spec["batch_size"] * spec["seq_len"]
     s = summarise(times, cpu)
-    return {**s, "tokens_per_s": tokens / s["step_s"], "threads": torch.get_num_threads(),
-            "interop_threads": torch.get_num_interop_threads(), "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__, **resolved,
-            "adamw_impl": spec["adamw_impl"], "params": n_params, "final_loss": loss,
-            "torch_matmul_flops": 2.0 * n ** 3 / statistics.median(mm), "torch_matmul_n": n,
-            "device": "cpu", "rss_after_import_bytes": rss_import,
-            "peak_memory_bytes": max_rss_bytes(),
-            "peak_memory_source": "host max RSS of the worker process (ru_maxrss)"}
+    return {
+        **s,
+        "tokens_per_s": tokens / s["step_s"],
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        **resolved,
+        "adamw_impl": spec["adamw_impl"],
+        "params": n_params,
+        "final_loss": loss,
+        "torch_matmul_flops": 2.0 * n**3 / statistics.median(mm),
+        "torch_matmul_n": n,
+        "device": "cpu",
+        "rss_after_import_bytes": rss_import,
+        "peak_memory_bytes": max_rss_bytes(),
+        "peak_memory_source": "host max RSS of the worker process (ru_maxrss)",
+    }
 
 
 def sweep(spec: dict) -> dict:
@@ -133,6 +170,7 @@ def sweep(spec: dict) -> dict:
         {'rows': one per combination ('step_s' or 'error'), 'best': the fastest row}.
     """
     import torch
+
     torch.set_num_threads(spec["threads"])
     rows = []
     for attn in ("eager", "sdpa"):
@@ -143,8 +181,13 @@ def sweep(spec: dict) -> dict:
                 try:
                     built = setup({**spec, "adamw_impl": adamw}, attn, experts)
                     times, _, _ = time_steps(built[1], spec["steps"], spec["warmup"])
-                    rows.append({**row, "step_s": statistics.median(times),
-                                 "step_times_s": [round(t, 4) for t in times]})
+                    rows.append(
+                        {
+                            **row,
+                            "step_s": statistics.median(times),
+                            "step_times_s": [round(t, 4) for t in times],
+                        }
+                    )
                     log(f"  reference {attn}/{experts}/{adamw}: {statistics.median(times):.3f} s/step")
                 except Exception as e:  # noqa: BLE001 - an implementation this build lacks
                     rows.append({**row, "error": f"{type(e).__name__}: {e}"})

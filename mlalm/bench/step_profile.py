@@ -43,9 +43,19 @@ class _Entries:
             log(f"  {name}: {type(e).__name__}: {e}")
             return
         log(f"  compiled {name} ({comp:.1f}s)")
-        self.entries.append({"group": group, "name": name, "fn": compiled, "args": list(args),
-                             "donate": donate, "compile_s": comp, "cost": xla_cost(compiled),
-                             "times": [], "cpu": []})
+        self.entries.append(
+            {
+                "group": group,
+                "name": name,
+                "fn": compiled,
+                "args": list(args),
+                "donate": donate,
+                "compile_s": comp,
+                "cost": xla_cost(compiled),
+                "times": [],
+                "cpu": [],
+            }
+        )
 
     def time_round_robin(self, rounds: int, warmup: int):
         import jax
@@ -59,6 +69,7 @@ class _Entries:
                 e["cpu"].append(time.process_time() - c)
             for i in range(e["donate"]):
                 e["args"][i] = r[i]
+
         for _ in range(warmup):
             for e in self.entries:
                 call(e, False)
@@ -75,7 +86,9 @@ def _pieces(E: _Entries, cfg):
     import jax.numpy as jnp
     import optax
     from flax import nnx
+
     from mlalm.train import lm_loss
+
     t, coef = cfg.train, cfg.moe.seq_aux_loss_coef
     _, _, _, state, step_fn, batch = train_step.build(cfg)
     E.add("parts", "train_step", step_fn, state, batch, donate=1)
@@ -85,6 +98,7 @@ def _pieces(E: _Entries, cfg):
 
     def loss(p, r, b):
         return lm_loss(graphdef, p, r, b, coef, t.loss_chunk)[0]
+
     E.add("parts", "forward (loss)", jax.jit(loss), params, rest, batch)
     grad = jax.jit(jax.value_and_grad(loss))
     E.add("parts", "forward + backward", grad, params, rest, batch)
@@ -93,9 +107,17 @@ def _pieces(E: _Entries, cfg):
     def opt_update(o, p, g):
         u, o = tx.update(g, o, p)
         return o, optax.apply_updates(p, u)
+
     # donated as in the step (own copies: the entries above keep using params)
-    E.add("parts", "optimizer update (clip + AdamW)", jax.jit(opt_update, donate_argnums=(0, 1)),
-          jax.tree.map(jnp.copy, opt_state), jax.tree.map(jnp.copy, params), grads, donate=2)
+    E.add(
+        "parts",
+        "optimizer update (clip + AdamW)",
+        jax.jit(opt_update, donate_argnums=(0, 1)),
+        jax.tree.map(jnp.copy, opt_state),
+        jax.tree.map(jnp.copy, params),
+        grads,
+        donate=2,
+    )
     wrapped = getattr(step_fn, "__wrapped__", None)
     if wrapped is not None:  # the same step function without buffer donation
         E.add("variants", "no buffer donation", jax.jit(wrapped), state2, batch)
@@ -107,9 +129,11 @@ def _layer_parts(E: _Entries, cfg, model, batch):
     import jax.numpy as jnp
     import optax
     from flax import nnx
+
     from mlalm.model.attention import attention_core
     from mlalm.model.layers import rope_tables
     from mlalm.model.loss import lm_head_cross_entropy
+
     t, a = cfg.train, cfg.attention
     B, T = t.batch_size, t.seq_len
     x = jax.random.normal(jax.random.key(1), (B, T, cfg.model.d_model), jnp.float32)
@@ -121,6 +145,7 @@ def _layer_parts(E: _Entries, cfg, model, batch):
         def loss(*args):
             y = f(*args)
             return jnp.sum(y * jnp.cos(y))
+
         return jax.jit(jax.value_and_grad(loss, argnums=argnums))
 
     def part(name, module, call):
@@ -132,17 +157,28 @@ def _layer_parts(E: _Entries, cfg, model, batch):
     if a.kind == "mla":
         N, dqk, dv = a.n_heads, a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
         k1, k2, k3 = jax.random.split(jax.random.key(2), 3)
-        qkv = (jax.random.normal(k1, (B, T, N, dqk)), jax.random.normal(k2, (B, T, N, dqk)),
-               jax.random.normal(k3, (B, T, N, dv)))
-        core = partial(attention_core, scale=dqk ** -0.5)
-        E.add("layer_parts", "  of which attention core (QK^T, mask, softmax, PV)",
-              grad_of_sum_cos(lambda q, k, v: core(q, k, v)[0], (0, 1, 2)), *qkv)
+        qkv = (
+            jax.random.normal(k1, (B, T, N, dqk)),
+            jax.random.normal(k2, (B, T, N, dqk)),
+            jax.random.normal(k3, (B, T, N, dv)),
+        )
+        core = partial(attention_core, scale=dqk**-0.5)
+        E.add(
+            "layer_parts",
+            "  of which attention core (QK^T, mask, softmax, PV)",
+            grad_of_sum_cos(lambda q, k, v: core(q, k, v)[0], (0, 1, 2)),
+            *qkv,
+        )
         # what-if: other numbers of causal query blocks (block i only multiplies the keys
         # of blocks <= i)
         for nb in (1, 2, 8):
             if T % nb == 0:
-                E.add("what_if", f"attention core with q_blocks={nb}",
-                      grad_of_sum_cos(lambda q, k, v, nb=nb: core(q, k, v, q_blocks=nb)[0], (0, 1, 2)), *qkv)
+                E.add(
+                    "what_if",
+                    f"attention core with q_blocks={nb}",
+                    grad_of_sum_cos(lambda q, k, v, nb=nb: core(q, k, v, q_blocks=nb)[0], (0, 1, 2)),
+                    *qkv,
+                )
     dense = [b for b in blocks if not b.is_moe]
     moe = [b for b in blocks if b.is_moe]
     if dense:
@@ -160,16 +196,28 @@ def _layer_parts(E: _Entries, cfg, model, batch):
             return lm_head_cross_entropy(h, p[1], labels, chunk_tokens=chunk)
         logits = jnp.einsum("BTD,DV->BTV", h, p[1], preferred_element_type=jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
     head = (norm_st, model.head_weight())
-    E.add("layer_parts", "final norm + LM head + loss",
-          jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1))), head, x)
+    E.add(
+        "layer_parts",
+        "final norm + LM head + loss",
+        jax.jit(jax.value_and_grad(head_loss, argnums=(0, 1))),
+        head,
+        x,
+    )
     if t.loss_chunk:
-        E.add("what_if", "final norm + LM head + loss, unfused (train.loss_chunk=0)",
-              jax.jit(jax.value_and_grad(partial(head_loss, chunk=0), argnums=(0, 1))), head, x)
+        E.add(
+            "what_if",
+            "final norm + LM head + loss, unfused (train.loss_chunk=0)",
+            jax.jit(jax.value_and_grad(partial(head_loss, chunk=0), argnums=(0, 1))),
+            head,
+            x,
+        )
 
 
 def _variants(E: _Entries, cfg):
     from mlalm.model.moe import resolve_dispatch
+
     R, t = dataclasses.replace, cfg.train
 
     def variant(name, new_cfg):
@@ -179,6 +227,7 @@ def _variants(E: _Entries, cfg):
             E.errors[name] = {"group": "variants", "error": f"{type(e).__name__}: {e}"}
             return
         E.add("variants", name, fn, st, b, donate=1)
+
     if cfg.moe.n_routed_experts:
         other = "dropless" if resolve_dispatch(cfg.moe.dispatch) == "capacity" else "capacity"
         variant(f"moe.dispatch={other}", R(cfg, moe=R(cfg.moe, dispatch=other)))
@@ -197,6 +246,7 @@ def measure(cfg, *, rounds: int, warmup: int) -> dict:
     'macs_per_token', 'tokens_per_step'}."""
     from mlalm import profiling
     from mlalm.flops import macs_per_token
+
     E = _Entries()
     model, batch = _pieces(E, cfg)
     _layer_parts(E, cfg, model, batch)
@@ -211,10 +261,22 @@ def measure(cfg, *, rounds: int, warmup: int) -> dict:
         except Exception as e:  # noqa: BLE001 - the profiler is optional
             op = {"error": f"{type(e).__name__}: {e}"}
     t = cfg.train
-    out = {"rounds": rounds, "parts": {}, "layer_parts": {}, "variants": {}, "what_if": {}, "ops": op,
-           "macs_per_token": macs_per_token(cfg, t.seq_len), "tokens_per_step": t.batch_size * t.seq_len}
+    out = {
+        "rounds": rounds,
+        "parts": {},
+        "layer_parts": {},
+        "variants": {},
+        "what_if": {},
+        "ops": op,
+        "macs_per_token": macs_per_token(cfg, t.seq_len),
+        "tokens_per_step": t.batch_size * t.seq_len,
+    }
     for e in E.entries:
-        out[e["group"]][e["name"]] = {**summarise(e["times"], e["cpu"]), "compile_s": e["compile_s"], **e["cost"]}
+        out[e["group"]][e["name"]] = {
+            **summarise(e["times"], e["cpu"]),
+            "compile_s": e["compile_s"],
+            **e["cost"],
+        }
     for name, err in E.errors.items():
         out[err["group"]][name] = {"error": err["error"]}
     return out

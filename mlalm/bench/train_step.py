@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import time
 
-from mlalm.bench.common import (SEED, batch_tokens, jax_info, load_config, max_rss_bytes,
-                                peak_memory, summarise, xla_cost)
+from mlalm.bench.common import (
+    SEED,
+    batch_tokens,
+    jax_info,
+    load_config,
+    max_rss_bytes,
+    peak_memory,
+    summarise,
+    xla_cost,
+)
 
 # The schedule's length does not change what a step costs; any length past the warm-up will do.
 SCHEDULE_STEPS = 1000
@@ -22,8 +30,10 @@ def build(cfg, *, seed: int = SEED):
     """``(graphdef, tx, schedule, state, step_fn, batch)``: the train state and the jitted
     step as the trainer builds them (without a mesh), and the fixed batch [B, T+1]."""
     import jax.numpy as jnp
+
     from mlalm.optim import build_optimizer
     from mlalm.train import init_state, make_train_step
+
     tx, schedule = build_optimizer(cfg, SCHEDULE_STEPS)
     graphdef, state = init_state(cfg, tx, seed=seed)
     step_fn = make_train_step(graphdef, tx, schedule, cfg)
@@ -39,6 +49,7 @@ def time_steps(step_fn, state, batch, steps: int, warmup: int):
         (state, last metrics, wall seconds per timed step, process CPU seconds per step).
     """
     import jax
+
     metrics = None
     for _ in range(warmup):
         state, metrics = step_fn(state, batch)
@@ -66,9 +77,11 @@ def measure(cfg, *, steps: int, warmup: int) -> dict:
         the backend facts.
     """
     from flax import nnx
+
     from mlalm.flops import flops_per_token, macs_per_token
     from mlalm.model import count_params
     from mlalm.model.moe import resolve_dispatch
+
     rss_import = max_rss_bytes()
     t = cfg.train
     graphdef, _, _, state, step_fn, batch = build(cfg)
@@ -80,18 +93,30 @@ def measure(cfg, *, steps: int, warmup: int) -> dict:
     compile_s = time.perf_counter() - t0
     cost = xla_cost(compiled)
     state, metrics, times, cpu = time_steps(compiled, state, batch, steps, warmup)
+    assert metrics is not None, "steps must be >= 1 (scripts/bench.py checks it)"
     tokens = t.batch_size * t.seq_len
     s = summarise(times, cpu)
     fpt = flops_per_token(cfg, t.seq_len)
     moe = cfg.moe.n_routed_experts > 0
-    return {**jax_info(), **s, "tokens_per_step": tokens, "tokens_per_s": tokens / s["step_s"],
-            "compile_s": compile_s, "flops_per_token": fpt,
-            "macs_per_token": macs_per_token(cfg, t.seq_len), "model_flops_per_step": fpt * tokens,
-            **cost, "params": n_params, "active_params": n_active,
-            "moe_dispatch": resolve_dispatch(cfg.moe.dispatch) if moe else None,
-            "dtype": cfg.model.dtype, "param_dtype": cfg.model.param_dtype,
-            "final_loss": float(metrics["loss"]), "rss_after_import_bytes": rss_import,
-            **peak_memory()}
+    return {
+        **jax_info(),
+        **s,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / s["step_s"],
+        "compile_s": compile_s,
+        "flops_per_token": fpt,
+        "macs_per_token": macs_per_token(cfg, t.seq_len),
+        "model_flops_per_step": fpt * tokens,
+        **cost,
+        "params": n_params,
+        "active_params": n_active,
+        "moe_dispatch": resolve_dispatch(cfg.moe.dispatch) if moe else None,
+        "dtype": cfg.model.dtype,
+        "param_dtype": cfg.model.param_dtype,
+        "final_loss": float(metrics["loss"]),
+        "rss_after_import_bytes": rss_import,
+        **peak_memory(),
+    }
 
 
 def worker(spec: dict) -> dict:

@@ -21,12 +21,14 @@ from mlalm.bench.common import log
 RESULT_TAG = "BENCH_RESULT "
 
 # name -> (module, function of the spec); imported only when run
-WORKERS = {"peak": ("mlalm.bench.peak", "worker"),
-           "train": ("mlalm.bench.train_step", "worker"),
-           "reference": ("mlalm.bench.reference", "measure"),
-           "reference_sweep": ("mlalm.bench.reference", "sweep"),
-           "decode": ("mlalm.bench.decode", "worker"),
-           "profile": ("mlalm.bench.step_profile", "worker")}
+WORKERS = {
+    "peak": ("mlalm.bench.peak", "worker"),
+    "train": ("mlalm.bench.train_step", "worker"),
+    "reference": ("mlalm.bench.reference", "measure"),
+    "reference_sweep": ("mlalm.bench.reference", "sweep"),
+    "decode": ("mlalm.bench.decode", "worker"),
+    "profile": ("mlalm.bench.step_profile", "worker"),
+}
 
 
 def run_here(name: str, spec: dict) -> dict:
@@ -42,14 +44,18 @@ def run_worker(name: str, spec: dict, label: str | None = None) -> dict:
     log(f"{label} ...")
     load0 = os.getloadavg()
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mlalm.bench.worker", name, json.dumps(spec)],
-                          stdout=subprocess.PIPE, stderr=None, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlalm.bench.worker", name, json.dumps(spec)],
+        stdout=subprocess.PIPE,
+        stderr=None,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith(RESULT_TAG)), None)
     if proc.returncode != 0 or line is None:
         log(f"{label}: failed (exit {proc.returncode})")
         return {"error": f"worker '{name}' exited with {proc.returncode}", "wall_s": wall}
-    res = json.loads(line[len(RESULT_TAG):])
+    res = json.loads(line[len(RESULT_TAG) :])
     res["wall_s"] = wall
     res["loadavg_1min_before_after"] = [round(load0[0], 2), round(os.getloadavg()[0], 2)]
     log(f"{label}: done in {wall:.0f}s")

@@ -16,11 +16,15 @@ import hashlib
 import os
 import sysconfig
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mlalm.data.shards import PreparedData, is_prepared
 from mlalm.errors import DataError
+
+if TYPE_CHECKING:
+    from mlalm.data.tokenizers import ByteTokenizer, HFTokenizer
 
 
 def default_cache_dir() -> str:
@@ -37,8 +41,15 @@ def builtin_files() -> list[str]:
     return [os.path.join(root, n) for n in names]
 
 
-def prepared_dir(inputs, *, cache_dir: str | None = None, tokenizer="byte", key: str = "data.path",
-                 verify: str = "auto", **settings) -> PreparedData:
+def prepared_dir(
+    inputs,
+    *,
+    cache_dir: str | None = None,
+    tokenizer: str | ByteTokenizer | HFTokenizer = "byte",
+    key: str = "data.path",
+    verify: str = "auto",
+    **settings,
+) -> PreparedData:
     """``inputs`` as prepared data: opened directly when it is a prepared directory (one
     with a manifest.json), else prepared through the cache.
 
@@ -52,17 +63,32 @@ def prepared_dir(inputs, *, cache_dir: str | None = None, tokenizer="byte", key:
         return PreparedData.open(inputs, verify=verify)
     from mlalm.data.formats import expand_inputs
     from mlalm.data.prepare import prepare, settings_key
+
     files = expand_inputs(inputs, key=key)
-    tok_setting = (tokenizer if isinstance(tokenizer, str) and tokenizer in ("byte", "bpe")
-                   else _fingerprint_of(tokenizer, settings.get("eos_token")))
-    entry_key = settings_key(files, {"tokenizer": tok_setting, "eos": settings.get("eos_token"),
-                                      "bpe": settings.get("bpe_vocab_size"),
-                                      "val_fraction": settings.get("val_fraction", 0.1),
-                                      "text_key": settings.get("text_key", "text"),
-                                      "shard_bytes": settings.get("shard_bytes")})
+    tok_setting = (
+        tokenizer
+        if isinstance(tokenizer, str) and tokenizer in ("byte", "bpe")
+        else _fingerprint_of(tokenizer, settings.get("eos_token"))
+    )
+    entry_key = settings_key(
+        files,
+        {
+            "tokenizer": tok_setting,
+            "eos": settings.get("eos_token"),
+            "bpe": settings.get("bpe_vocab_size"),
+            "val_fraction": settings.get("val_fraction", 0.1),
+            "text_key": settings.get("text_key", "text"),
+            "shard_bytes": settings.get("shard_bytes"),
+        },
+    )
     entry = os.path.join(cache_dir or default_cache_dir(), "prepared", entry_key[:32])
-    prepare([f.path for f in files], entry, tokenizer=tokenizer, key=key,
-            **{k: v for k, v in settings.items() if v is not None})
+    prepare(
+        [f.path for f in files],
+        entry,
+        tokenizer=tokenizer,
+        key=key,
+        **{k: v for k, v in settings.items() if v is not None},
+    )
     return PreparedData.open(entry, verify=verify)
 
 
@@ -70,12 +96,14 @@ def _fingerprint_of(tokenizer, eos_token) -> str:
     if not isinstance(tokenizer, str):
         return tokenizer.fingerprint()
     from mlalm.data.tokenizers import get_tokenizer
+
     return get_tokenizer(tokenizer, eos_token=eos_token).fingerprint()
 
 
 # ---------------------------------------------------------------------------------------
 # Documents already in memory (evaluation of (name, bytes) lists)
 # ---------------------------------------------------------------------------------------
+
 
 def _digest(docs) -> str:
     h = hashlib.sha256()
@@ -92,8 +120,8 @@ def cached_tokens(tokenizer, docs, cache_dir: str):
     """
     from mlalm.data import encode as enc
     from mlalm.data.prepare import clear, locked
-    from mlalm.data.shards import (FORMAT, VERSION, ShardWriter, dtype_name, file_dtype,
-                                   write_manifest)
+    from mlalm.data.shards import FORMAT, VERSION, ShardWriter, dtype_name, file_dtype, write_manifest
+
     entry = os.path.join(cache_dir, "documents", f"{tokenizer.fingerprint()}-{_digest(docs)}")
     os.makedirs(entry, exist_ok=True)
     with locked(entry, lambda text: None):
@@ -115,13 +143,31 @@ def cached_tokens(tokenizer, docs, cache_dir: str):
         res = enc.encode_batch(items, tokenizer, enc.SplitRule(0.0), "text", dtype) if items else None
         writer.write(res.tokens[0] if res else np.empty(0, dtype))
         shards = writer.finish()
-        write_manifest(entry, {
-            "format": FORMAT, "version": VERSION,
-            "tokenizer": {"name": tokenizer.name, "fingerprint": tokenizer.fingerprint(), "file": None,
-                          "vocab_size": int(tokenizer.vocab_size), "eos_id": int(tokenizer.eos_id),
-                          "eos_token": tokenizer.eos_token},
-            "dtype": dtype, "byte_order": "little", "checksum": "crc32",
-            "splits": {"train": {"documents": len(docs), "text_bytes": sum(len(d) for _, d in docs),
-                                 "tokens": writer.tokens, "shards": shards},
-                       "val": {"documents": 0, "text_bytes": 0, "tokens": 0, "shards": []}}})
+        write_manifest(
+            entry,
+            {
+                "format": FORMAT,
+                "version": VERSION,
+                "tokenizer": {
+                    "name": tokenizer.name,
+                    "fingerprint": tokenizer.fingerprint(),
+                    "file": None,
+                    "vocab_size": int(tokenizer.vocab_size),
+                    "eos_id": int(tokenizer.eos_id),
+                    "eos_token": tokenizer.eos_token,
+                },
+                "dtype": dtype,
+                "byte_order": "little",
+                "checksum": "crc32",
+                "splits": {
+                    "train": {
+                        "documents": len(docs),
+                        "text_bytes": sum(len(d) for _, d in docs),
+                        "tokens": writer.tokens,
+                        "shards": shards,
+                    },
+                    "val": {"documents": 0, "text_bytes": 0, "tokens": 0, "shards": []},
+                },
+            },
+        )
     return PreparedData.open(entry).split("train").tokens

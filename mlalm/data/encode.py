@@ -37,10 +37,11 @@ TRAIN, VAL = 0, 1
 @dataclasses.dataclass(frozen=True)
 class SplitRule:
     """Which split each document goes to (module docstring)."""
+
     val_fraction: float
-    single: str | None = None     # the one document, cut by bytes ...
-    single_bytes: int = 0         # ... and its size (needed to cut a text file as a stream)
-    overrides: tuple = ()         # ((document name, TRAIN or VAL), ...) for the edge cases
+    single: str | None = None  # the one document, cut by bytes ...
+    single_bytes: int = 0  # ... and its size (needed to cut a text file as a stream)
+    overrides: tuple = ()  # ((document name, TRAIN or VAL), ...) for the edge cases
 
     def of(self, name: str, key: str) -> int:
         if self.val_fraction <= 0:
@@ -54,12 +55,19 @@ class SplitRule:
         return utf8_cut(data, len(data), self.val_fraction)
 
     def describe(self) -> dict:
-        rule = ("none: everything trains" if self.val_fraction <= 0 else
-                "one document: the first 1 - val_fraction of its bytes train (cut back to a UTF-8 "
-                "boundary)" if self.single else
-                "crc32(name) % 1000 < val_fraction * 1000 validates; each side keeps a document")
-        return {"val_fraction": self.val_fraction, "rule": rule, "single_document": self.single,
-                "moved": {n: ("train", "val")[s] for n, s in self.overrides}}
+        rule = (
+            "none: everything trains"
+            if self.val_fraction <= 0
+            else "one document: the first 1 - val_fraction of its bytes train (cut back to a UTF-8 boundary)"
+            if self.single
+            else "crc32(name) % 1000 < val_fraction * 1000 validates; each side keeps a document"
+        )
+        return {
+            "val_fraction": self.val_fraction,
+            "rule": rule,
+            "single_document": self.single,
+            "moved": {n: ("train", "val")[s] for n, s in self.overrides},
+        }
 
 
 def utf8_cut(data: bytes, total: int, val_fraction: float) -> int:
@@ -155,15 +163,17 @@ def pieces(data: bytes, before_space: bool = False) -> list[bytes]:
 @dataclasses.dataclass
 class Summary:
     """What the split rule's edge cases need to know about the documents seen."""
+
     documents: int = 0
-    first: tuple | None = None   # (name, split, bytes)
+    first: tuple | None = None  # (name, split, bytes)
     last: tuple | None = None
     splits: tuple = (False, False)
 
     def add(self, name: str, split: int, nbytes: int) -> None:
         if self.last is not None and self.last[0] == name:
-            self.merge(Summary(1, (name, split, nbytes), (name, split, nbytes),
-                               (split == TRAIN, split == VAL)))
+            self.merge(
+                Summary(1, (name, split, nbytes), (name, split, nbytes), (split == TRAIN, split == VAL))
+            )
             return
         self.documents += 1
         self.last = (name, split, nbytes)
@@ -172,13 +182,16 @@ class Summary:
         if not self.splits[split]:
             self.splits = (True, self.splits[1]) if split == TRAIN else (self.splits[0], True)
 
-    def merge(self, other: "Summary") -> None:
+    def merge(self, other: Summary) -> None:
         """``self`` followed by ``other``; the two parts of a document cut by bytes (same
         name, one after the other) count once."""
         if other.documents == 0:
             return
-        if self.last is not None and self.last[0] == other.first[0]:
-            joined = (other.first[0], other.first[1], self.last[2] + other.first[2])
+        first = other.first
+        assert first is not None  # other has a document, so a first one
+        if self.last is not None and self.last[0] == first[0]:
+            assert self.first is not None  # self has a last document, so a first one
+            joined = (first[0], first[1], self.last[2] + first[2])
             self.documents += other.documents - 1
             if self.first[0] == joined[0]:
                 self.first = joined
@@ -192,9 +205,9 @@ class Summary:
 
 @dataclasses.dataclass
 class Result:
-    tokens: list            # [train ids, val ids] (file dtype)
-    documents: list         # documents ended, per split
-    text_bytes: list        # UTF-8 bytes encoded, per split
+    tokens: list  # [train ids, val ids] (file dtype)
+    documents: list  # documents ended, per split
+    text_bytes: list  # UTF-8 bytes encoded, per split
     summary: Summary
 
 
@@ -214,9 +227,11 @@ def tokenizer_spec(tok):
 
 def build_tokenizer(spec):
     from mlalm.data.tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer
+
     if spec is None:
         return ByteTokenizer()
     from tokenizers import Tokenizer
+
     text, eos, name = spec
     cls = BPETokenizer if name == "bpe" else HFTokenizer
     kw = {} if cls is BPETokenizer else {"name": name}
@@ -230,8 +245,8 @@ def worker_encode(batch):
 def encode_batch(batch, tok, rule: SplitRule, text_key: str, dtype: str) -> Result:
     """Token ids of one batch, per split, each document followed by the end-of-text id."""
     strict, before = tok.strict_utf8, tok.prefix_space
-    texts: list = []      # what the tokenizer encodes, in order
-    plan: list = []       # (split, index into texts or None, eos after it)
+    texts: list = []  # what the tokenizer encodes, in order
+    plan: list = []  # (split, index into texts or None, eos after it)
     docs, nbytes, summary = [0, 0], [0, 0], Summary()
 
     def add_document(name, key, data, where):

@@ -30,20 +30,43 @@ BLOCK = 1 << 20
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd"}
 RECORD_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet"}
 # formats that are not text and that no reader here understands
-UNSUPPORTED = {".bz2", ".xz", ".lzma", ".lz4", ".br", ".zip", ".tar", ".tgz", ".7z", ".rar",
-               ".arrow", ".feather", ".orc", ".avro", ".npy", ".npz", ".pkl", ".pickle", ".h5",
-               ".hdf5", ".safetensors", ".gguf"}
-SUPPORTED = ("text files (any other suffix), .jsonl/.ndjson/.json and .parquet; text and JSON "
-             "compressed with .gz or .zst")
+UNSUPPORTED = {
+    ".bz2",
+    ".xz",
+    ".lzma",
+    ".lz4",
+    ".br",
+    ".zip",
+    ".tar",
+    ".tgz",
+    ".7z",
+    ".rar",
+    ".arrow",
+    ".feather",
+    ".orc",
+    ".avro",
+    ".npy",
+    ".npz",
+    ".pkl",
+    ".pickle",
+    ".h5",
+    ".hdf5",
+    ".safetensors",
+    ".gguf",
+}
+SUPPORTED = (
+    "text files (any other suffix), .jsonl/.ndjson/.json and .parquet; text and JSON "
+    "compressed with .gz or .zst"
+)
 JSON_ARRAY_LIMIT = 256 * 2**20  # a .json array is parsed whole; larger ones must be JSON Lines
 
 
 @dataclasses.dataclass(frozen=True)
 class InputFile:
     path: str
-    format: str               # 'text' | 'jsonl' | 'json' | 'parquet'
-    compression: str | None   # None | 'gzip' | 'zstd'
-    size: int                 # bytes on disk
+    format: str  # 'text' | 'jsonl' | 'json' | 'parquet'
+    compression: str | None  # None | 'gzip' | 'zstd'
+    size: int  # bytes on disk
     mtime_ns: int
 
     @property
@@ -107,8 +130,10 @@ def expand_inputs(inputs, *, key: str = "input") -> list[InputFile]:
             except OSError as e:
                 raise DataError(f"{path}: cannot read ({e.strerror})") from None
             if not stat.S_ISREG(st.st_mode):
-                raise DataError(f"{path}: not a regular file (a FIFO, device or socket); give "
-                                f"text, JSON Lines or parquet files or directories of them")
+                raise DataError(
+                    f"{path}: not a regular file (a FIFO, device or socket); give "
+                    f"text, JSON Lines or parquet files or directories of them"
+                )
             real = os.path.realpath(path)
             if real in seen:
                 continue
@@ -134,6 +159,7 @@ def looks_binary(head: bytes) -> bool:
 # Byte streams
 # ---------------------------------------------------------------------------------------
 
+
 class Stream:
     """The (decompressed) bytes of one input file, read in bounded pieces.
 
@@ -150,6 +176,7 @@ class Stream:
         self._gz = gzip.GzipFile(fileobj=self.raw, mode="rb") if f.compression == "gzip" else None
         if f.compression == "zstd":
             import zstandard
+
             self._zctx = zstandard.ZstdDecompressor()
             self._zobj, self._zbuf, self._zpending = self._zctx.decompressobj(), b"", False
 
@@ -163,13 +190,16 @@ class Stream:
         self.raw.close()
 
     def _fail(self, e: Exception):
-        what = {"gzip": "gzip", "zstd": "zstd"}.get(self.f.compression, "")
-        raise DataError(f"{self.f.path}: corrupt {what} stream near compressed byte "
-                        f"{self.raw.tell():,} (after {self.offset:,} decompressed bytes): "
-                        f"{str(e) or e.__class__.__name__}") from None
+        what = self.f.compression if self.f.compression in ("gzip", "zstd") else ""
+        raise DataError(
+            f"{self.f.path}: corrupt {what} stream near compressed byte "
+            f"{self.raw.tell():,} (after {self.offset:,} decompressed bytes): "
+            f"{str(e) or e.__class__.__name__}"
+        ) from None
 
     def _read_zstd(self, n: int) -> bytes:
         import zstandard
+
         # decompressobj, not stream_reader: the latter ends silently on a truncated frame
         while len(self._zbuf) < n:
             chunk = self.raw.read(1 << 15)
@@ -249,6 +279,7 @@ def lines(stream: Stream, first: bytes = b""):
 # Records
 # ---------------------------------------------------------------------------------------
 
+
 def record_text(obj, text_key: str, where: str) -> bytes:
     """The UTF-8 text of one JSON record's ``text_key`` field."""
     if not isinstance(obj, dict) or text_key not in obj:
@@ -259,8 +290,9 @@ def record_text(obj, text_key: str, where: str) -> bytes:
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise DataError(f"{where}: field '{text_key}' holds an unpaired surrogate at "
-                        f"character {e.start}") from None
+        raise DataError(
+            f"{where}: field '{text_key}' holds an unpaired surrogate at character {e.start}"
+        ) from None
 
 
 def parse_line(line: bytes, text_key: str, where: str) -> bytes | None:
@@ -288,9 +320,11 @@ def json_records(stream: Stream, text_key: str):
             break
         size += len(data)
         if size > JSON_ARRAY_LIMIT:
-            raise DataError(f"{stream.f.path}: a JSON array larger than "
-                            f"{JSON_ARRAY_LIMIT // 2**20} MiB; write it as JSON Lines (one "
-                            f"object per line), which is read as a stream")
+            raise DataError(
+                f"{stream.f.path}: a JSON array larger than "
+                f"{JSON_ARRAY_LIMIT // 2**20} MiB; write it as JSON Lines (one "
+                f"object per line), which is read as a stream"
+            )
         parts.append(data)
     try:
         items = json.loads(b"".join(parts))
@@ -298,8 +332,10 @@ def json_records(stream: Stream, text_key: str):
         raise DataError(f"{stream.f.path}: not valid JSON ({e.__class__.__name__}: {e})") from None
     if not isinstance(items, list):
         raise DataError(f"{stream.f.path}: expected a JSON array of objects")
-    return "array", [(i + 1, record_text(obj, text_key, f"{stream.f.path}: element {i + 1}"))
-                     for i, obj in enumerate(items)]
+    return "array", [
+        (i + 1, record_text(obj, text_key, f"{stream.f.path}: element {i + 1}"))
+        for i, obj in enumerate(items)
+    ]
 
 
 def parquet_batches(f: InputFile, text_key: str, batch_bytes: int = 4 * 2**20):
@@ -307,23 +343,34 @@ def parquet_batches(f: InputFile, text_key: str, batch_bytes: int = 4 * 2**20):
     record batch of the ``text_key`` column, with about ``batch_bytes`` of text each."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     try:
         pf = pq.ParquetFile(f.path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds
         raise DataError(f"{f.path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     schema = pf.schema_arrow
     if text_key not in schema.names:
-        raise DataError(f"{f.path}: no column '{text_key}' (columns: {', '.join(schema.names)}); "
-                        f"set data.text_key or --text-key")
+        raise DataError(
+            f"{f.path}: no column '{text_key}' (columns: {', '.join(schema.names)}); "
+            f"set data.text_key or --text-key"
+        )
     tp = schema.field(text_key).type
-    if not (pa.types.is_string(tp) or pa.types.is_large_string(tp) or pa.types.is_binary(tp)
-            or pa.types.is_large_binary(tp) or str(tp) in ("string_view", "binary_view")):
+    if not (
+        pa.types.is_string(tp)
+        or pa.types.is_large_string(tp)
+        or pa.types.is_binary(tp)
+        or pa.types.is_large_binary(tp)
+        or str(tp) in ("string_view", "binary_view")
+    ):
         raise DataError(f"{f.path}: column '{text_key}' holds {tp}, not text")
     meta = pf.metadata
     rows = max(meta.num_rows, 1)
     col = schema.names.index(text_key)
-    text_size = sum(meta.row_group(i).column(col).total_uncompressed_size
-                    for i in range(meta.num_row_groups)) if meta.num_row_groups else 0
+    text_size = (
+        sum(meta.row_group(i).column(col).total_uncompressed_size for i in range(meta.num_row_groups))
+        if meta.num_row_groups
+        else 0
+    )
     per_batch = max(1, min(1 << 16, batch_bytes * rows // max(text_size, 1)))
     row = 1
     try:
@@ -332,5 +379,6 @@ def parquet_batches(f: InputFile, text_key: str, batch_bytes: int = 4 * 2**20):
             yield row, texts, f.size * (row - 1 + len(texts)) // rows
             row += len(texts)
     except (OSError, pa.ArrowException) as e:
-        raise DataError(f"{f.path}: corrupt parquet data after row {row - 1:,} "
-                        f"({str(e).splitlines()[0]})") from None
+        raise DataError(
+            f"{f.path}: corrupt parquet data after row {row - 1:,} ({str(e).splitlines()[0]})"
+        ) from None

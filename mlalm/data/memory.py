@@ -2,7 +2,8 @@
 
 The prepare step's peak resident memory, summed over the main process and its workers, is
 
-    main_base + in_flight * batch_bytes * IN_FLIGHT_COPIES + workers * (worker_base + batch_bytes * WORKER_EXPANSION)
+    main_base + in_flight * batch_bytes * IN_FLIGHT_COPIES
+        + workers * (worker_base + batch_bytes * WORKER_EXPANSION)
 
 ``main_base`` and ``worker_base`` are the interpreter with numpy, tokenizers and pyarrow
 imported (and a tokenizer of a large vocabulary); ``WORKER_EXPANSION`` covers one batch's
@@ -23,13 +24,23 @@ import re
 
 from mlalm.errors import ConfigError
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
-MAIN_BASE = 256 * 2**20     # main process: interpreter, numpy, tokenizers, pyarrow, writers
-WORKER_BASE = 96 * 2**20    # one worker process before its first batch
-WORKER_EXPANSION = 32       # a worker's peak per byte of batch text (tokenizer encodings)
-IN_FLIGHT_COPIES = 6        # per queued batch byte: raw text, pickled copy, tokens back
+MAIN_BASE = 256 * 2**20  # main process: interpreter, numpy, tokenizers, pyarrow, writers
+WORKER_BASE = 96 * 2**20  # one worker process before its first batch
+WORKER_EXPANSION = 32  # a worker's peak per byte of batch text (tokenizer encodings)
+IN_FLIGHT_COPIES = 6  # per queued batch byte: raw text, pickled copy, tokens back
 MIN_BATCH = 256 * 2**10
 MAX_BATCH = 4 * 2**20
 
@@ -48,27 +59,33 @@ def parse_size(value, *, key: str = "max_memory") -> int:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
     unit = m.group(2).lower() if m else None
     if not m or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
-        raise ConfigError(f"{key}={value!r}: expected a positive size such as 2GB, 512MiB or "
-                          f"1073741824 (units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        raise ConfigError(
+            f"{key}={value!r}: expected a positive size such as 2GB, 512MiB or "
+            f"1073741824 (units: B, kB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+        )
     return int(float(m.group(1)) * _UNITS[unit])
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    workers: int        # worker processes (0: encode in the main process)
-    batch_bytes: int    # text per batch
-    in_flight: int      # batches submitted and not yet written
+    workers: int  # worker processes (0: encode in the main process)
+    batch_bytes: int  # text per batch
+    in_flight: int  # batches submitted and not yet written
 
     def peak_estimate(self) -> int:
         encode = self.batch_bytes * WORKER_EXPANSION
         if self.workers == 0:
             return MAIN_BASE + encode
-        return (MAIN_BASE + self.in_flight * self.batch_bytes * IN_FLIGHT_COPIES
-                + self.workers * (WORKER_BASE + encode))
+        return (
+            MAIN_BASE
+            + self.in_flight * self.batch_bytes * IN_FLIGHT_COPIES
+            + self.workers * (WORKER_BASE + encode)
+        )
 
 
-def plan(budget: int, *, workers: int = 0, input_bytes: int | None = None,
-         inline_below: int = 32 * 2**20) -> Plan:
+def plan(
+    budget: int, *, workers: int = 0, input_bytes: int | None = None, inline_below: int = 32 * 2**20
+) -> Plan:
     """Worker count, batch size and queue depth that fit ``budget`` bytes.
 
     Args:
@@ -98,5 +115,6 @@ def plan(budget: int, *, workers: int = 0, input_bytes: int | None = None,
             raise ConfigError(
                 f"max_memory={budget:,} bytes is too small to prepare data: "
                 f"{max(n, 1)} worker(s) with {MIN_BATCH // 1024} KiB batches need about "
-                f"{p.peak_estimate():,} bytes")
+                f"{p.peak_estimate():,} bytes"
+            )
         batch //= 2

@@ -32,15 +32,30 @@ import re
 import sys
 import time
 import warnings
+from typing import TYPE_CHECKING
 
 from mlalm.data import encode as enc
 from mlalm.data import memory
 from mlalm.data.formats import expand_inputs
-from mlalm.data.memory import parse_size, plan as memory_plan
+from mlalm.data.memory import parse_size
+from mlalm.data.memory import plan as memory_plan
 from mlalm.data.reader import Reader, corrected_rule, initial_rule, train_bpe
-from mlalm.data.shards import (MANIFEST, FORMAT, VERSION, PreparedData, ShardWriter, dtype_name,
-                               file_dtype, is_prepared, read_manifest, write_manifest)
+from mlalm.data.shards import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    PreparedData,
+    ShardWriter,
+    dtype_name,
+    file_dtype,
+    is_prepared,
+    read_manifest,
+    write_manifest,
+)
 from mlalm.errors import DataError
+
+if TYPE_CHECKING:
+    from mlalm.data.tokenizers import ByteTokenizer, HFTokenizer
 
 DEFAULT_SHARD_BYTES = 256 * 2**20
 DEFAULT_BPE_SAMPLE = 100 * 10**6
@@ -70,6 +85,7 @@ def locked(directory: str, log):
 
 def _resolve_tokenizer(tokenizer, eos_token):
     from mlalm.data.tokenizers import get_tokenizer
+
     if not isinstance(tokenizer, str):
         return tokenizer
     if tokenizer == "bpe":
@@ -103,8 +119,14 @@ def _run_pass(files, rule, tok, *, text_key, plan, out_dir, shard_tokens, dtype,
     writers = [ShardWriter(out_dir, s, file_dtype(dtype), shard_tokens) for s in ("train", "val")]
     counts = {"documents": [0, 0], "text_bytes": [0, 0]}
     summary = enc.Summary()
-    reader = Reader(files, rule, text_key, chunk=tok.strict_utf8, before_space=tok.prefix_space,
-                     batch_bytes=plan.batch_bytes)
+    reader = Reader(
+        files,
+        rule,
+        text_key,
+        chunk=tok.strict_utf8,
+        before_space=tok.prefix_space,
+        batch_bytes=plan.batch_bytes,
+    )
 
     def consume(res: enc.Result):
         for i in (0, 1):
@@ -113,8 +135,10 @@ def _run_pass(files, rule, tok, *, text_key, plan, out_dir, shard_tokens, dtype,
             counts["text_bytes"][i] += res.text_bytes[i]
         summary.merge(res.summary)
         bar.update(reader.consumed - bar.n)
-        bar.set_postfix_str(f"{sum(counts['documents']):,} docs, "
-                            f"{writers[0].tokens + writers[1].tokens:,} tokens", refresh=False)
+        bar.set_postfix_str(
+            f"{sum(counts['documents']):,} docs, {writers[0].tokens + writers[1].tokens:,} tokens",
+            refresh=False,
+        )
 
     pool = None
     try:
@@ -123,8 +147,13 @@ def _run_pass(files, rule, tok, *, text_key, plan, out_dir, shard_tokens, dtype,
                 consume(enc.encode_batch(batch, tok, rule, text_key, dtype))
         else:
             from concurrent.futures import ProcessPoolExecutor
-            pool = ProcessPoolExecutor(plan.workers, mp_context=_mp_context(), initializer=enc.init_worker,
-                                       initargs=(enc.tokenizer_spec(tok), rule, text_key, dtype))
+
+            pool = ProcessPoolExecutor(
+                plan.workers,
+                mp_context=_mp_context(),
+                initializer=enc.init_worker,
+                initargs=(enc.tokenizer_spec(tok), rule, text_key, dtype),
+            )
             inflight = collections.deque()
             for batch in reader.batches():
                 inflight.append(pool.submit(enc.worker_encode, batch))
@@ -154,11 +183,24 @@ def clear(out_dir: str) -> None:
             os.remove(os.path.join(out_dir, name))
 
 
-def prepare(inputs, out_dir, *, tokenizer="byte", bpe_vocab_size: int = 8192,
-            bpe_sample_bytes: int = DEFAULT_BPE_SAMPLE, eos_token: str | None = None,
-            val_fraction: float = 0.1, text_key: str = "text", workers: int = 0,
-            max_memory=DEFAULT_MAX_MEMORY, shard_bytes: int = DEFAULT_SHARD_BYTES,
-            force: bool = False, progress: bool = False, key: str = "input", log=None) -> dict:
+def prepare(
+    inputs,
+    out_dir,
+    *,
+    tokenizer: str | ByteTokenizer | HFTokenizer = "byte",
+    bpe_vocab_size: int = 8192,
+    bpe_sample_bytes: int = DEFAULT_BPE_SAMPLE,
+    eos_token: str | None = None,
+    val_fraction: float = 0.1,
+    text_key: str = "text",
+    workers: int = 0,
+    max_memory=DEFAULT_MAX_MEMORY,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
+    progress: bool = False,
+    key: str = "input",
+    log=None,
+) -> dict:
     """Prepare ``inputs`` (files, directories, globs) into ``out_dir``; returns the manifest.
 
     Args:
@@ -185,10 +227,15 @@ def prepare(inputs, out_dir, *, tokenizer="byte", bpe_vocab_size: int = 8192,
         raise DataError(f"{key}: no input files in {inputs}")
     budget = parse_size(max_memory, key="max_memory")
     tok = _resolve_tokenizer(tokenizer, eos_token)
-    settings = {"format": VERSION, "val_fraction": val_fraction, "text_key": text_key,
-                "shard_bytes": shard_bytes,
-                "tokenizer": {"bpe": bpe_vocab_size, "sample": bpe_sample_bytes} if tok is None
-                else tok.fingerprint()}
+    settings = {
+        "format": VERSION,
+        "val_fraction": val_fraction,
+        "text_key": text_key,
+        "shard_bytes": shard_bytes,
+        "tokenizer": {"bpe": bpe_vocab_size, "sample": bpe_sample_bytes}
+        if tok is None
+        else tok.fingerprint(),
+    }
     wanted = settings_key(files, settings)
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -200,43 +247,99 @@ def prepare(inputs, out_dir, *, tokenizer="byte", bpe_vocab_size: int = 8192,
             except DataError as e:
                 warnings.warn(f"{e}; preparing {out_dir} again", stacklevel=2)
         clear(out_dir)
-        return _prepare_locked(files, out_dir, tok, settings, wanted, budget=budget,
-                               workers=workers, bpe_vocab_size=bpe_vocab_size,
-                               bpe_sample_bytes=bpe_sample_bytes, val_fraction=val_fraction,
-                               text_key=text_key, shard_bytes=shard_bytes, progress=progress,
-                               key=key, log=log)
+        return _prepare_locked(
+            files,
+            out_dir,
+            tok,
+            settings,
+            wanted,
+            budget=budget,
+            workers=workers,
+            bpe_vocab_size=bpe_vocab_size,
+            bpe_sample_bytes=bpe_sample_bytes,
+            val_fraction=val_fraction,
+            text_key=text_key,
+            shard_bytes=shard_bytes,
+            progress=progress,
+            key=key,
+            log=log,
+        )
 
 
-def _prepare_locked(files, out_dir, tok, settings, wanted, *, budget, workers, bpe_vocab_size,
-                    bpe_sample_bytes, val_fraction, text_key, shard_bytes, progress, key, log):
+def _prepare_locked(
+    files,
+    out_dir,
+    tok,
+    settings,
+    wanted,
+    *,
+    budget,
+    workers,
+    bpe_vocab_size,
+    bpe_sample_bytes,
+    val_fraction,
+    text_key,
+    shard_bytes,
+    progress,
+    key,
+    log,
+):
     from tqdm import tqdm
+
     t0 = time.perf_counter()
     input_bytes = sum(f.size for f in files)
     plan = memory_plan(budget, workers=workers, input_bytes=input_bytes)
     if plan.workers and not can_start_workers():
-        log("prepare: the main module is not a file, so no worker process can start: "
-            "encoding in this process")
+        log(
+            "prepare: the main module is not a file, so no worker process can start: encoding in this process"
+        )
         plan = dataclasses.replace(plan, workers=0)
     if plan.workers:
-        log(f"prepare: {plan.workers} worker processes, {plan.batch_bytes // 1024} KiB batches, "
-            f"{plan.in_flight} in flight (max_memory {budget / 1e9:.2f} GB)")
+        log(
+            f"prepare: {plan.workers} worker processes, {plan.batch_bytes // 1024} KiB batches, "
+            f"{plan.in_flight} in flight (max_memory {budget / 1e9:.2f} GB)"
+        )
     if workers > max(plan.workers, 1):
-        log(f"prepare: {workers} workers do not fit max_memory={budget:,} bytes (about "
+        log(
+            f"prepare: {workers} workers do not fit max_memory={budget:,} bytes (about "
             f"{(memory.WORKER_BASE + plan.batch_bytes * memory.WORKER_EXPANSION) / 2**20:.0f} MiB "
-            f"each): using {plan.workers}")
+            f"each): using {plan.workers}"
+        )
     rule = initial_rule(files, val_fraction, key)
     train_tokenizer, bpe_info = tok is None, None
     for _ in range(3):
         if train_tokenizer:
-            tok, bpe_info = train_bpe(files, rule, text_key=text_key, vocab_size=bpe_vocab_size,
-                                      sample_bytes=bpe_sample_bytes, log=log)
+            tok, bpe_info = train_bpe(
+                files,
+                rule,
+                text_key=text_key,
+                vocab_size=bpe_vocab_size,
+                sample_bytes=bpe_sample_bytes,
+                log=log,
+            )
         dtype = dtype_name(tok.vocab_size)
         shard_tokens = max(1, shard_bytes // file_dtype(dtype).itemsize)
-        with tqdm(total=input_bytes, unit="B", unit_scale=True, desc="prepare", file=sys.stderr,
-                  disable=not progress, dynamic_ncols=True, mininterval=0.5) as bar:
-            writers, counts, summary = _run_pass(files, rule, tok, text_key=text_key, plan=plan,
-                                                 out_dir=out_dir, shard_tokens=shard_tokens,
-                                                 dtype=dtype, bar=bar)
+        with tqdm(
+            total=input_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="prepare",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        ) as bar:
+            writers, counts, summary = _run_pass(
+                files,
+                rule,
+                tok,
+                text_key=text_key,
+                plan=plan,
+                out_dir=out_dir,
+                shard_tokens=shard_tokens,
+                dtype=dtype,
+                bar=bar,
+            )
         new_rule = corrected_rule(rule, summary, files, key)
         if new_rule == rule:
             break
@@ -246,20 +349,45 @@ def _prepare_locked(files, out_dir, tok, settings, wanted, *, budget, workers, b
     if tok.name != "byte":
         tok.save(out_dir)
     manifest = {
-        "format": FORMAT, "version": VERSION,
+        "format": FORMAT,
+        "version": VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tokenizer": {"name": tok.name, "fingerprint": tok.fingerprint(),
-                      "file": None if tok.name == "byte" else "tokenizer.json",
-                      "vocab_size": int(tok.vocab_size), "eos_id": int(tok.eos_id),
-                      "eos_token": tok.eos_token},
-        "dtype": dtype, "byte_order": "little", "checksum": "crc32",
-        "splits": {name: {"documents": counts["documents"][i], "text_bytes": counts["text_bytes"][i],
-                          "tokens": writers[i].tokens, "shards": writers[i].shards}
-                   for i, name in enumerate(("train", "val"))},
-        "split": rule.describe(), "text_key": text_key,
-        "sources": [{"path": os.path.abspath(f.path), "format": f.format, "compression": f.compression,
-                     "size": f.size, "mtime_ns": f.mtime_ns} for f in files],
-        "input_bytes": input_bytes, "bpe": bpe_info, "settings": settings, "settings_key": wanted,
+        "tokenizer": {
+            "name": tok.name,
+            "fingerprint": tok.fingerprint(),
+            "file": None if tok.name == "byte" else "tokenizer.json",
+            "vocab_size": int(tok.vocab_size),
+            "eos_id": int(tok.eos_id),
+            "eos_token": tok.eos_token,
+        },
+        "dtype": dtype,
+        "byte_order": "little",
+        "checksum": "crc32",
+        "splits": {
+            name: {
+                "documents": counts["documents"][i],
+                "text_bytes": counts["text_bytes"][i],
+                "tokens": writers[i].tokens,
+                "shards": writers[i].shards,
+            }
+            for i, name in enumerate(("train", "val"))
+        },
+        "split": rule.describe(),
+        "text_key": text_key,
+        "sources": [
+            {
+                "path": os.path.abspath(f.path),
+                "format": f.format,
+                "compression": f.compression,
+                "size": f.size,
+                "mtime_ns": f.mtime_ns,
+            }
+            for f in files
+        ],
+        "input_bytes": input_bytes,
+        "bpe": bpe_info,
+        "settings": settings,
+        "settings_key": wanted,
         "prepare_seconds": round(time.perf_counter() - t0, 3),
     }
     write_manifest(out_dir, manifest)

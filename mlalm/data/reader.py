@@ -9,6 +9,7 @@ import dataclasses
 import time
 import warnings
 import zlib
+from typing import Any, cast
 
 from mlalm.data import encode as enc
 from mlalm.data.formats import Stream, blocks, json_records, lines, looks_binary, parquet_batches
@@ -40,8 +41,9 @@ def initial_rule(files, val_fraction: float, key: str) -> enc.SplitRule:
         return enc.SplitRule(val_fraction)
     docs = [f for f in files if _nonempty(f)]
     if not docs:
-        raise DataError(f"{key}: {_where(files)} contains no text (empty and whitespace-only "
-                        f"documents are dropped)")
+        raise DataError(
+            f"{key}: {_where(files)} contains no text (empty and whitespace-only documents are dropped)"
+        )
     if len(docs) == 1:
         return enc.SplitRule(val_fraction, single=docs[0].path, single_bytes=_size_of(docs[0]))
     rule = enc.SplitRule(val_fraction)
@@ -56,16 +58,19 @@ def initial_rule(files, val_fraction: float, key: str) -> enc.SplitRule:
 def corrected_rule(rule: enc.SplitRule, summary: enc.Summary, files, key: str) -> enc.SplitRule:
     """The rule that the documents seen in a pass call for (the same when it fits)."""
     if summary.documents == 0:
-        raise DataError(f"{key}: {_where(files)} contains no text (empty and whitespace-only "
-                        f"documents are dropped)")
+        raise DataError(
+            f"{key}: {_where(files)} contains no text (empty and whitespace-only documents are dropped)"
+        )
     if rule.val_fraction <= 0 or rule.single:
         return rule
+    first, last = summary.first, summary.last
+    assert first is not None and last is not None  # the summary has documents
     if summary.documents == 1:
-        return enc.SplitRule(rule.val_fraction, single=summary.first[0], single_bytes=summary.first[2])
+        return enc.SplitRule(rule.val_fraction, single=first[0], single_bytes=first[2])
     if not summary.splits[enc.VAL]:
-        return dataclasses.replace(rule, overrides=rule.overrides + ((summary.last[0], enc.VAL),))
+        return dataclasses.replace(rule, overrides=rule.overrides + ((last[0], enc.VAL),))
     if not summary.splits[enc.TRAIN]:
-        return dataclasses.replace(rule, overrides=rule.overrides + ((summary.first[0], enc.TRAIN),))
+        return dataclasses.replace(rule, overrides=rule.overrides + ((first[0], enc.TRAIN),))
     return rule
 
 
@@ -77,11 +82,11 @@ def _where(files) -> str:
 # Reading: documents -> items (see mlalm.data.encode)
 # ---------------------------------------------------------------------------------------
 
+
 class Reader:
     """Items of every input file in order; ``consumed`` is the input bytes read so far."""
 
-    def __init__(self, files, rule, text_key: str, *, chunk: bool, before_space: bool,
-                 batch_bytes: int):
+    def __init__(self, files, rule, text_key: str, *, chunk: bool, before_space: bool, batch_bytes: int):
         self.files, self.rule, self.text_key = files, rule, text_key
         self.chunk, self.before_space, self.batch_bytes = chunk, before_space, batch_bytes
         self.consumed, self._warned = 0, set()
@@ -98,8 +103,11 @@ class Reader:
             return  # empty or whitespace only: not a document
         if f.path not in self._warned and looks_binary(b"".join(head)[:8192]):
             self._warned.add(f.path)
-            warnings.warn(f"{f.path}: looks like binary data (NUL or control bytes in its first "
-                          f"8 KB); it is read as text", stacklevel=2)
+            warnings.warn(
+                f"{f.path}: looks like binary data (NUL or control bytes in its first "
+                f"8 KB); it is read as text",
+                stacklevel=2,
+            )
         data = (b for part in (head, src) for b in part)
         if self.rule.single == name:
             cut = int(self.rule.single_bytes * (1 - self.rule.val_fraction))
@@ -109,24 +117,42 @@ class Reader:
             parts = ((split, b) for b in data)
         # each part (the whole document, or its train and val parts) ends with a piece
         # marked last, carrying the part's size; offsets are in the document, for errors
-        current, chunker, offset, size = None, None, 0, 0
+        current, offset, size = None, 0, 0
+        chunker: enc.Chunker | None = None  # set with current
         for split, b in parts:
             if split != current:
                 if current is not None:
+                    assert chunker is not None
                     tail = chunker.flush()
-                    yield ("piece", name, current, tail[0] if tail else b"", offset, True,
-                           size + (len(tail[0]) if tail else 0))
+                    yield (
+                        "piece",
+                        name,
+                        current,
+                        tail[0] if tail else b"",
+                        offset,
+                        True,
+                        size + (len(tail[0]) if tail else 0),
+                    )
                     offset += len(tail[0]) if tail else 0
                 current, chunker, size = split, enc.Chunker(self.before_space), 0
-            for piece in (chunker.feed(b) if self.chunk else [b]):
+            assert chunker is not None
+            for piece in chunker.feed(b) if self.chunk else [b]:
                 if piece:
                     yield ("piece", name, split, piece, offset, False, 0)
                     offset += len(piece)
                     size += len(piece)
         if current is not None:
+            assert chunker is not None
             tail = chunker.flush()
-            yield ("piece", name, current, tail[0] if tail else b"", offset, True,
-                   size + (len(tail[0]) if tail else 0))
+            yield (
+                "piece",
+                name,
+                current,
+                tail[0] if tail else b"",
+                offset,
+                True,
+                size + (len(tail[0]) if tail else 0),
+            )
 
     def items(self):
         base = 0
@@ -143,8 +169,9 @@ class Reader:
                             self.consumed = base + s.raw_position()
                             yield item
                     else:
-                        mode, recs = json_records(s, self.text_key) if f.format == "json" else \
-                            ("lines", lines(s))
+                        mode, recs = (
+                            json_records(s, self.text_key) if f.format == "json" else ("lines", lines(s))
+                        )
                         kind = "record" if mode == "array" else "line"
                         for n, raw in recs:
                             self.consumed = base + s.raw_position()
@@ -168,6 +195,7 @@ class Reader:
 # ---------------------------------------------------------------------------------------
 # BPE on a sample of the training split
 # ---------------------------------------------------------------------------------------
+
 
 def _sample_texts(files, rule, text_key: str, sample_bytes: int, taken: list):
     """Training-split text pieces for BPE (module docstring); ``taken[0]`` counts bytes."""
@@ -195,7 +223,8 @@ def _sample_texts(files, rule, text_key: str, sample_bytes: int, taken: list):
             continue
         reader.files = [f]
         for item in reader.items():
-            path, key, n, raw = item[1:]
+            # a JSON Lines line or a record: f is not a text file, so no pieces
+            path, key, n, raw = cast("tuple[str, str, int, Any]", item[1:])
             name, dkey = f"{path}:{n}", f"{key}:{n}"
             if rule.single != name and (rule.of(name, dkey) != enc.TRAIN or not chosen(dkey)):
                 continue
@@ -206,7 +235,7 @@ def _sample_texts(files, rule, text_key: str, sample_bytes: int, taken: list):
             if not data or not data.strip():
                 continue
             if rule.single == name:
-                data = data[:rule.cut(data)]
+                data = data[: rule.cut(data)]
             for piece in enc.pieces(data):
                 taken[0] += len(piece)
                 yield enc.check_utf8(piece, name)
@@ -216,11 +245,18 @@ def _sample_texts(files, rule, text_key: str, sample_bytes: int, taken: list):
 
 def train_bpe(files, rule, *, text_key: str, vocab_size: int, sample_bytes: int, log):
     from mlalm.data.tokenizers import BPETokenizer
+
     taken = [0]
     t0 = time.perf_counter()
     tok = BPETokenizer.train(_sample_texts(files, rule, text_key, sample_bytes, taken), vocab_size)
     seconds = time.perf_counter() - t0
-    log(f"prepare: BPE with {tok.vocab_size} tokens trained on {taken[0] / 1e6:.1f} MB of the "
-        f"training split in {seconds:.0f}s")
-    return tok, {"vocab_size": vocab_size, "sample_bytes": sample_bytes, "sampled_bytes": taken[0],
-                 "train_seconds": round(seconds, 3)}
+    log(
+        f"prepare: BPE with {tok.vocab_size} tokens trained on {taken[0] / 1e6:.1f} MB of the "
+        f"training split in {seconds:.0f}s"
+    )
+    return tok, {
+        "vocab_size": vocab_size,
+        "sample_bytes": sample_bytes,
+        "sampled_bytes": taken[0],
+        "train_seconds": round(seconds, 3),
+    }

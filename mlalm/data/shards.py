@@ -26,10 +26,14 @@ import json
 import os
 import uuid
 import zlib
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
 from mlalm.errors import DataError
+
+if TYPE_CHECKING:
+    from mlalm.data.tokenizers import ByteTokenizer, HFTokenizer
 
 MANIFEST = "manifest.json"
 FORMAT = "mlalm-tokens"
@@ -75,34 +79,43 @@ class ShardWriter:
         self.shards: list[dict] = []
         self.tokens = 0
         self._tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._f = self._tmp = None
+        self._f: BinaryIO | None = None  # the shard being written, under the name _tmp
+        self._tmp: str | None = None
         self._n = self._crc = 0
 
-    def _open(self) -> None:
+    def _open(self) -> BinaryIO:
         name = f"{self.split}-{len(self.shards):05d}.bin"
         self._tmp = os.path.join(self.directory, f".{name}.{self._tag}.tmp")
         self._f = open(self._tmp, "wb")
         self._n = self._crc = 0
+        return self._f
 
     def _close(self) -> None:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
+        f, tmp = self._f, self._tmp
+        assert f is not None and tmp is not None  # a shard is open
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        os.replace(self._tmp, os.path.join(self.directory, name))
-        self.shards.append({"file": name, "tokens": self._n, "bytes": self._n * self.dtype.itemsize,
-                            "crc32": f"{self._crc:08x}"})
+        os.replace(tmp, os.path.join(self.directory, name))
+        self.shards.append(
+            {
+                "file": name,
+                "tokens": self._n,
+                "bytes": self._n * self.dtype.itemsize,
+                "crc32": f"{self._crc:08x}",
+            }
+        )
         self._f = self._tmp = None
 
     def write(self, ids: np.ndarray) -> None:
         ids = np.ascontiguousarray(ids, dtype=self.dtype)
         pos = 0
         while pos < len(ids):
-            if self._f is None:
-                self._open()
+            f = self._open() if self._f is None else self._f
             take = min(len(ids) - pos, self.shard_tokens - self._n)
-            data = memoryview(ids[pos:pos + take]).cast("B")  # no copy
-            self._f.write(data)
+            data = ids[pos : pos + take].data.cast("B")  # the array's memoryview: no copy
+            f.write(data)
             self._crc = zlib.crc32(data, self._crc)
             self._n += take
             self.tokens += take
@@ -148,15 +161,19 @@ def read_manifest(directory: str) -> dict:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{directory}: not a prepared directory (no {MANIFEST}; an interrupted "
-                        f"prepare leaves none: run scripts/prepare.py again)") from None
+        raise DataError(
+            f"{directory}: not a prepared directory (no {MANIFEST}; an interrupted "
+            f"prepare leaves none: run scripts/prepare.py again)"
+        ) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: unreadable manifest ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DataError(f"{path}: not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
-        raise DataError(f"{path}: format version {manifest.get('version')} (this mlalm reads "
-                        f"version {VERSION}); prepare the data again")
+        raise DataError(
+            f"{path}: format version {manifest.get('version')} (this mlalm reads "
+            f"version {VERSION}); prepare the data again"
+        )
     return manifest
 
 
@@ -193,8 +210,9 @@ class TokenStream:
             try:
                 m = np.memmap(self.paths[i], dtype=self.dtype, mode="r", shape=(self.counts[i],))
             except (OSError, ValueError) as e:
-                raise DataError(f"{self.paths[i]}: cannot map the token file ({e}); prepare the "
-                                f"data again") from None
+                raise DataError(
+                    f"{self.paths[i]}: cannot map the token file ({e}); prepare the data again"
+                ) from None
             self._maps[i] = m
         return m
 
@@ -211,7 +229,7 @@ class TokenStream:
             while a < stop:
                 end = min(stop, int(self.offsets[i + 1]))
                 base = int(self.offsets[i])
-                parts.append(np.asarray(self._map(i)[a - base:end - base]))
+                parts.append(np.asarray(self._map(i)[a - base : end - base]))
                 a, i = end, i + 1
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
         i = int(key)
@@ -223,11 +241,11 @@ class TokenStream:
         return self._map(s)[i - int(self.offsets[s])]
 
     def __array__(self, dtype=None, copy=None):
-        out = self[0:len(self)]
+        out = self[0 : len(self)]
         return out.astype(dtype) if dtype is not None else np.array(out)
 
     def tolist(self) -> list[int]:
-        return self[0:len(self)].tolist()
+        return self[0 : len(self)].tolist()
 
     def __repr__(self) -> str:
         return f"TokenStream({len(self):,} tokens, {len(self.paths)} shards, {self.dtype})"
@@ -237,13 +255,13 @@ def concat(streams) -> TokenStream:
     """Streams one after another, as one stream (same dtype)."""
     streams = list(streams)
     dtype = streams[0].dtype if streams else file_dtype("uint16")
-    return TokenStream([p for s in streams for p in s.paths], [c for s in streams for c in s.counts],
-                       dtype)
+    return TokenStream([p for s in streams for p in s.paths], [c for s in streams for c in s.counts], dtype)
 
 
 @dataclasses.dataclass
 class Split:
     """A split of prepared data: its tokens, the UTF-8 bytes and documents of its text."""
+
     tokens: TokenStream
     bytes: int
     documents: int
@@ -265,10 +283,10 @@ class PreparedData:
 
     def __init__(self, path: str, manifest: dict):
         self.path, self.manifest = path, manifest
-        self._tokenizer = None
+        self._tokenizer: ByteTokenizer | HFTokenizer | None = None
 
     @classmethod
-    def open(cls, path, *, verify: str = "auto") -> "PreparedData":
+    def open(cls, path, *, verify: str = "auto") -> PreparedData:
         """Read the manifest and check the shards: sizes always, CRC-32 when ``verify`` is
         'full', or 'auto' and the shards total at most AUTO_VERIFY_BYTES ('size': never).
 
@@ -285,20 +303,25 @@ class PreparedData:
                 try:
                     size = os.stat(f).st_size
                 except OSError:
-                    raise DataError(f"{f}: missing token file listed in {path}/{MANIFEST}; "
-                                    f"prepare the data again") from None
+                    raise DataError(
+                        f"{f}: missing token file listed in {path}/{MANIFEST}; prepare the data again"
+                    ) from None
                 if size != shard["bytes"]:
-                    raise DataError(f"{f}: {size:,} bytes, the manifest says {shard['bytes']:,} "
-                                    f"(truncated or replaced); prepare the data again")
+                    raise DataError(
+                        f"{f}: {size:,} bytes, the manifest says {shard['bytes']:,} "
+                        f"(truncated or replaced); prepare the data again"
+                    )
                 total += size
         if verify == "full" or (verify == "auto" and total <= AUTO_VERIFY_BYTES):
             for split in SPLITS:
                 for shard in manifest["splits"][split]["shards"]:
                     f = os.path.join(path, shard["file"])
                     if _crc_file(f) != shard["crc32"]:
-                        raise DataError(f"{f}: contents differ from the manifest's checksum (CRC-32 "
-                                        f"{shard['crc32']}); the file was edited or damaged: prepare "
-                                        f"the data again")
+                        raise DataError(
+                            f"{f}: contents differ from the manifest's checksum (CRC-32 "
+                            f"{shard['crc32']}); the file was edited or damaged: prepare "
+                            f"the data again"
+                        )
         return cls(path, manifest)
 
     @property
@@ -306,33 +329,42 @@ class PreparedData:
         return self.manifest["tokenizer"]["fingerprint"]
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> ByteTokenizer | HFTokenizer:
         """The tokenizer the tokens were made with (``tokenizer.json`` beside the manifest)."""
         if self._tokenizer is None:
             from mlalm.data.tokenizers import BPETokenizer, ByteTokenizer, HFTokenizer, load_tokenizer
+
             t = self.manifest["tokenizer"]
+            tok: ByteTokenizer | HFTokenizer
             if t["name"] == "byte":
                 tok = ByteTokenizer()
             else:
-                tok = load_tokenizer(os.path.join(self.path, t["file"]), eos_token=t["eos_token"],
-                                     cls=BPETokenizer if t["name"] == "bpe" else HFTokenizer)
+                tok = load_tokenizer(
+                    os.path.join(self.path, t["file"]),
+                    eos_token=t["eos_token"],
+                    cls=BPETokenizer if t["name"] == "bpe" else HFTokenizer,
+                )
             if tok.fingerprint() != t["fingerprint"]:
-                raise DataError(f"{self.path}: its tokenizer ({tok.fingerprint()}) is not the one "
-                                f"the tokens were made with ({t['fingerprint']}); prepare the data again")
+                raise DataError(
+                    f"{self.path}: its tokenizer ({tok.fingerprint()}) is not the one "
+                    f"the tokens were made with ({t['fingerprint']}); prepare the data again"
+                )
             self._tokenizer = tok
         return self._tokenizer
 
     def split(self, name: str) -> Split:
         s = self.manifest["splits"][name]
-        stream = TokenStream([os.path.join(self.path, x["file"]) for x in s["shards"]],
-                             [x["tokens"] for x in s["shards"]], file_dtype(self.manifest["dtype"]))
+        stream = TokenStream(
+            [os.path.join(self.path, x["file"]) for x in s["shards"]],
+            [x["tokens"] for x in s["shards"]],
+            file_dtype(self.manifest["dtype"]),
+        )
         return Split(stream, int(s["text_bytes"]), int(s["documents"]), f"{self.path} ({name})")
 
     def whole(self) -> Split:
         """Every document of the directory: the train split, then the val split."""
         a, b = self.split("train"), self.split("val")
-        return Split(concat([a.tokens, b.tokens]), a.bytes + b.bytes, a.documents + b.documents,
-                     self.path)
+        return Split(concat([a.tokens, b.tokens]), a.bytes + b.bytes, a.documents + b.documents, self.path)
 
 
 def verify(path) -> PreparedData:

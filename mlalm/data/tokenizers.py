@@ -22,14 +22,25 @@ import hashlib
 import json
 import os
 import re
+from typing import TypeVar
 
 import numpy as np
 
 from mlalm.errors import ConfigError, DataError
 
 EOS = "<|endoftext|>"
-EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "<|end|>",
-             "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "[SEP]")
+EOS_NAMES = (
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|eos|>",
+    "<|end|>",
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<end_of_turn>",
+    "[SEP]",
+)
 
 
 def check_utf8(data: bytes, where: str, offset: int = 0) -> str:
@@ -37,9 +48,11 @@ def check_utf8(data: bytes, where: str, offset: int = 0) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"{where}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte "
-                        f"offset {offset + e.start:,}); only the byte tokenizer reads arbitrary "
-                        f"bytes") from None
+        raise DataError(
+            f"{where}: not UTF-8 text (invalid byte 0x{data[e.start]:02x} at byte "
+            f"offset {offset + e.start:,}); only the byte tokenizer reads arbitrary "
+            f"bytes"
+        ) from None
 
 
 class ByteTokenizer:
@@ -50,7 +63,7 @@ class ByteTokenizer:
     """
 
     name = "byte"
-    strict_utf8 = False   # reads any bytes
+    strict_utf8 = False  # reads any bytes
     prefix_space = False  # adds nothing before a document
     eos_token = EOS
 
@@ -104,21 +117,25 @@ class HFTokenizer:
 
     strict_utf8 = True
 
-    def __init__(self, tok, *, name: str = "pretrained", eos_token: str | None = None,
-                 where: str = "tokenizer"):
+    def __init__(
+        self, tok, *, name: str = "pretrained", eos_token: str | None = None, where: str = "tokenizer"
+    ):
         self.tok, self.name, self.where = tok, name, where
         self._spec = json.loads(tok.to_str())
         vocab = tok.get_vocab(with_added_tokens=True)
         self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1)
         if eos_token is not None:
             if tok.token_to_id(eos_token) is None:
-                raise DataError(f"{where}: the end-of-text token {eos_token!r} (data.eos_token) is "
-                                f"not in the vocabulary")
+                raise DataError(
+                    f"{where}: the end-of-text token {eos_token!r} (data.eos_token) is not in the vocabulary"
+                )
         else:
             eos_token = next((n for n in EOS_NAMES if tok.token_to_id(n) is not None), None)
             if eos_token is None:
-                raise DataError(f"{where}: no end-of-text token found (tried {', '.join(EOS_NAMES)}); "
-                                f"set data.eos_token (or --eos-token) to its name")
+                raise DataError(
+                    f"{where}: no end-of-text token found (tried {', '.join(EOS_NAMES)}); "
+                    f"set data.eos_token (or --eos-token) to its name"
+                )
         self.eos_token, self.eos_id = eos_token, tok.token_to_id(eos_token)
         # text is text: special-token strings in a document are not special
         tok.encode_special_tokens = True
@@ -146,10 +163,15 @@ class HFTokenizer:
     def save(self, directory: str) -> None:
         """``tokenizer.json`` and a ``tokenizer_config.json`` naming the end-of-text token."""
         os.makedirs(directory, exist_ok=True)
-        for name, text in (("tokenizer.json", self.tok.to_str(pretty=True)),
-                           ("tokenizer_config.json", json.dumps(
-                               {"tokenizer_class": "PreTrainedTokenizerFast",
-                                "eos_token": self.eos_token}, indent=2))):
+        for name, text in (
+            ("tokenizer.json", self.tok.to_str(pretty=True)),
+            (
+                "tokenizer_config.json",
+                json.dumps(
+                    {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": self.eos_token}, indent=2
+                ),
+            ),
+        ):
             path = os.path.join(directory, name)
             tmp = f"{path}.{os.getpid()}.tmp"
             with open(tmp, "w", encoding="utf-8") as f:
@@ -187,11 +209,14 @@ class HFTokenizer:
         decoders = {c.get("type") for c in _components(self._spec.get("decoder"))}
         replaces = [c for c in _components(self._spec.get("decoder")) if c.get("type") == "Replace"]
         metaspace = "Metaspace" in decoders or any(
-            (c.get("pattern") or {}).get("String") == "▁" for c in replaces)
+            (c.get("pattern") or {}).get("String") == "▁" for c in replaces
+        )
         if "ByteLevel" not in decoders and not metaspace:
-            raise DataError(f"{self.where}: its tokens cannot be mapped to bytes (decoder: "
-                            f"{', '.join(sorted(d for d in decoders if d)) or 'none'}); byte-level "
-                            f"and sentencepiece-style tokenizers can")
+            raise DataError(
+                f"{self.where}: its tokens cannot be mapped to bytes (decoder: "
+                f"{', '.join(sorted(d for d in decoders if d)) or 'none'}); byte-level "
+                f"and sentencepiece-style tokenizers can"
+            )
         special = {i for i, t in self.tok.get_added_tokens_decoder().items() if t.special}
         added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
         chars = _byte_level_chars()
@@ -219,19 +244,23 @@ class BPETokenizer(HFTokenizer):
         super().__init__(tok, name="bpe", eos_token=eos_token, where=where)
 
     @classmethod
-    def train(cls, texts, vocab_size: int) -> "BPETokenizer":
+    def train(cls, texts, vocab_size: int) -> BPETokenizer:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                      show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOS],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok, eos_token=EOS)
 
     @classmethod
-    def load(cls, path: str) -> "BPETokenizer":
+    def load(cls, path: str) -> BPETokenizer:
         return load_tokenizer(path, cls=cls)
 
 
@@ -245,13 +274,18 @@ def _config_eos(path: str) -> str | None:
     return eos.get("content") if isinstance(eos, dict) else eos if isinstance(eos, str) else None
 
 
-def load_tokenizer(path: str, *, eos_token: str | None = None, cls=HFTokenizer):
-    """A ``tokenizer.json`` (or a directory holding one) as an :class:`HFTokenizer`.
+_HF = TypeVar("_HF", bound=HFTokenizer)
+
+
+def load_tokenizer(path: str, *, eos_token: str | None = None, cls: type[_HF] = HFTokenizer) -> _HF:
+    """A ``tokenizer.json`` (or a directory holding one) as an :class:`HFTokenizer` (or
+    the subclass ``cls``).
 
     Raises:
         DataError: missing or unparsable file; no end-of-text token (see the module doc).
     """
     from tokenizers import Tokenizer
+
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(path):
@@ -264,13 +298,17 @@ def load_tokenizer(path: str, *, eos_token: str | None = None, cls=HFTokenizer):
         eos_token = _config_eos(path)
         if eos_token is not None and tok.token_to_id(eos_token) is None:
             eos_token = None  # a stale tokenizer_config.json: fall back to the names
-    if cls is HFTokenizer:
-        return HFTokenizer(tok, eos_token=eos_token, where=path)
     return cls(tok, eos_token=eos_token, where=path)
 
 
-def get_tokenizer(name: str, *, train_texts=None, vocab_size: int = 8192, path: str | None = None,
-                  eos_token: str | None = None):
+def get_tokenizer(
+    name: str,
+    *,
+    train_texts=None,
+    vocab_size: int = 8192,
+    path: str | None = None,
+    eos_token: str | None = None,
+):
     """The tokenizer ``name``: 'byte', 'bpe', or a path to a ``tokenizer.json``.
 
     For 'bpe', ``path`` (a tokenizer.json) is loaded when it exists, else one is trained
@@ -286,8 +324,9 @@ def get_tokenizer(name: str, *, train_texts=None, vocab_size: int = 8192, path: 
         return BPETokenizer.train(train_texts, vocab_size)
     if os.path.exists(name):
         return load_tokenizer(name, eos_token=eos_token)
-    raise ConfigError(f"data.tokenizer: unknown tokenizer {name!r} (valid: 'byte', 'bpe', or the "
-                      f"path of a tokenizer.json)")
+    raise ConfigError(
+        f"data.tokenizer: unknown tokenizer {name!r} (valid: 'byte', 'bpe', or the path of a tokenizer.json)"
+    )
 
 
 def token_byte_table(tokenizer) -> list[bytes]:

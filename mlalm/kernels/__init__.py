@@ -13,5 +13,4 @@ the ``*_reference`` functions are the fallback and what the tests compare agains
 from mlalm.kernels.flash_attention import BlockSizes, attention_reference, flash_attention
 from mlalm.kernels.mla_decode import mla_decode, mla_decode_reference
 
-__all__ = ["BlockSizes", "attention_reference", "flash_attention", "mla_decode",
-           "mla_decode_reference"]
+__all__ = ["BlockSizes", "attention_reference", "flash_attention", "mla_decode", "mla_decode_reference"]

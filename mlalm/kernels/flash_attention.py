@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import cast
 
 import jax
 import jax.numpy as jnp
@@ -49,25 +50,26 @@ class BlockSizes:
     Blocks larger than a (padded) length are shrunk to fit, so small inputs never pay for
     a 128-row tile.  ``num_warps``/``num_stages`` only reach Triton (ignored elsewhere).
     """
-    block_q: int = 64         # forward: query rows per program
-    block_k: int = 64         # forward: keys per inner-loop step
-    block_q_dq: int = 64      # dq kernel: query rows per program
-    block_k_dq: int = 32      # dq kernel: keys per inner-loop step
-    block_q_dkv: int = 32     # dk/dv kernel: query rows per inner-loop step
-    block_k_dkv: int = 64     # dk/dv kernel: keys per program
+
+    block_q: int = 64  # forward: query rows per program
+    block_k: int = 64  # forward: keys per inner-loop step
+    block_q_dq: int = 64  # dq kernel: query rows per program
+    block_k_dq: int = 32  # dq kernel: keys per inner-loop step
+    block_q_dkv: int = 32  # dk/dv kernel: query rows per inner-loop step
+    block_k_dkv: int = 64  # dk/dv kernel: keys per program
     num_warps: int | None = None
     num_stages: int | None = None
 
     def __post_init__(self):
-        for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
-                  "block_k_dkv"):
+        for f in ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv", "block_k_dkv"):
             b = getattr(self, f)
             if not isinstance(b, int) or b < _MIN_BLOCK or b & (b - 1):
                 raise ValueError(f"BlockSizes.{f}={b!r}: must be a power of two >= {_MIN_BLOCK}")
 
 
-def attention_reference(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale=None,
-                        return_max_logit: bool = False):
+def attention_reference(
+    q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale=None, return_max_logit: bool = False
+):
     """Plain-jnp attention with the kernel's semantics (the readable definition, and the
     fallback where Pallas is unavailable).
 
@@ -83,10 +85,18 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale
     """
     B, T, N, H = q_BTNH.shape
     S, K, G = k_BSKH.shape[1], k_BSKH.shape[2], v_BSKG.shape[-1]
-    c = H ** -0.5 if sm_scale is None else sm_scale
+    c = H**-0.5 if sm_scale is None else sm_scale
     q = q_BTNH.reshape(B, T, K, N // K, H)  # query head n = K·g + j uses kv head n // g
-    s = jnp.einsum("BTKgH,BSKH->BKgTS", q, k_BSKH, preferred_element_type=jnp.float32,
-                   precision=lax.Precision.HIGHEST) * c
+    s = (
+        jnp.einsum(
+            "BTKgH,BSKH->BKgTS",
+            q,
+            k_BSKH,
+            preferred_element_type=jnp.float32,
+            precision=lax.Precision.HIGHEST,
+        )
+        * c
+    )
     if causal:
         mask = jnp.arange(S)[None, :] <= jnp.arange(T)[:, None] + (S - T)
         s = jnp.where(mask, s, -jnp.inf)
@@ -95,8 +105,7 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
     p = p / jnp.where(l == 0, 1.0, l)
-    o = jnp.einsum("BKgTS,BSKG->BTKgG", p, v_BSKG.astype(jnp.float32),
-                   precision=lax.Precision.HIGHEST)
+    o = jnp.einsum("BKgTS,BSKG->BTKgG", p, v_BSKG.astype(jnp.float32), precision=lax.Precision.HIGHEST)
     o_BTNG = o.reshape(B, T, N, G).astype(q_BTNH.dtype)
     if not return_max_logit:
         return o_BTNG
@@ -105,16 +114,18 @@ def attention_reference(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale
 
 # ----------------------------------------------------------------------------- kernels
 
+
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
     """Static facts the kernels are specialised on (hashable: a custom_vjp nondiff arg)."""
+
     causal: bool
     sm_scale: float
-    g: int             # query heads per kv head
-    t_pad: int         # padded query length (rows per head in the M axis)
-    s_len: int         # real key length S (keys >= S are padding)
+    g: int  # query heads per kv head
+    t_pad: int  # padded query length (rows per head in the M axis)
+    s_len: int  # real key length S (keys >= S are padding)
     s_pad: int
-    offset: int        # S - T: query i sees keys j <= i + offset
+    offset: int  # S - T: query i sees keys j <= i + offset
     bq: int
     bk: int
     bq_dq: int
@@ -141,9 +152,11 @@ def _fori(lo, hi, body, init):
     lowers as a for loop.  Traced bounds are int32 already and give an int32 index.
     """
     if isinstance(lo, int) and isinstance(hi, int):
+
         def step(carry, _):
             j, x = carry
             return (j + 1, body(j, x)), None
+
         (_, out), _ = lax.scan(step, (_i32(lo), init), None, length=max(hi - lo, 0))
         return out
     return lax.fori_loop(lo, hi, body, init)
@@ -151,8 +164,9 @@ def _fori(lo, hi, body, init):
 
 def _dot(a, b, ca, cb, precision):
     """a·b contracting a's dim ca with b's dim cb, accumulated in float32."""
-    return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a, b, (((ca,), (cb,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
+    )
 
 
 def _mask(cfg: _Cfg, q_start, k_start, rows, cols):
@@ -189,7 +203,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, mx_ref, *, cfg: _Cfg):
         k_start = j * bk
         k = k_ref[pl.ds(k_start, bk), :]
         v = v_ref[pl.ds(k_start, bk), :]
-        s = _dot(q, k, 1, 1, cfg.precision) * cfg.sm_scale           # [bq, bk]
+        s = _dot(q, k, 1, 1, cfg.precision) * cfg.sm_scale  # [bq, bk]
         mask = _mask(cfg, q_start, k_start, bq, bk)
         if mask is not None:
             s = jnp.where(mask, s, NEG_INF)
@@ -202,8 +216,11 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, lse_ref, mx_ref, *, cfg: _Cfg):
         acc = alpha * acc + _dot(p.astype(v.dtype), v, 1, 0, cfg.precision)
         return acc, m_new, l
 
-    init = (jnp.zeros((bq, G), jnp.float32), jnp.full((bq, 1), NEG_INF, jnp.float32),
-            jnp.zeros((bq, 1), jnp.float32))
+    init = (
+        jnp.zeros((bq, G), jnp.float32),
+        jnp.full((bq, 1), NEG_INF, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
+    )
     acc, m, l = _fori(0, _causal_key_blocks(cfg, q_start, bq, bk), body, init)
     empty = l == 0.0  # no visible key (causal with T > S): output 0, L = +inf so p = 0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)).astype(o_ref.dtype)
@@ -224,23 +241,20 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, cfg: 
         mask = _mask(cfg, q_start, k_start, bq, bk)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        ds = p * (_dot(do, v, 1, 1, cfg.precision) - delta)           # dS = p ∘ (dP - δ)
+        ds = p * (_dot(do, v, 1, 1, cfg.precision) - delta)  # dS = p ∘ (dP - δ)
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, cfg.precision)
 
-    dq = _fori(0, _causal_key_blocks(cfg, q_start, bq, bk), body,
-               jnp.zeros(q.shape, jnp.float32))
+    dq = _fori(0, _causal_key_blocks(cfg, q_start, bq, bk), body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (dq * cfg.sm_scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *,
-                cfg: _Cfg):
+def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg: _Cfg):
     bq, bk = cfg.bq_dkv, cfg.bk_dkv
     nq = cfg.t_pad // bq
     k_start = pl.program_id(2) * bk
     k, v = k_ref[...], v_ref[...]
     # causal: the first query block with a row i such that k_start <= i + offset
-    lo = (jnp.minimum(jnp.maximum(lax.div(k_start - cfg.offset, _i32(bq)), 0), nq)
-          if cfg.causal else 0)
+    lo = jnp.minimum(jnp.maximum(lax.div(k_start - cfg.offset, _i32(bq)), 0), nq) if cfg.causal else 0
 
     def q_block(i, carry, head):
         dk, dv = carry
@@ -249,13 +263,13 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
         do = do_ref[pl.ds(row, bq), :]
         lse = lse_ref[pl.ds(row, bq), :]
         delta = delta_ref[pl.ds(row, bq), :]
-        p = jnp.exp(_dot(q, k, 1, 1, cfg.precision) * cfg.sm_scale - lse)   # [bq, bk]
+        p = jnp.exp(_dot(q, k, 1, 1, cfg.precision) * cfg.sm_scale - lse)  # [bq, bk]
         mask = _mask(cfg, i * bq, k_start, bq, bk)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype), do, 0, 0, cfg.precision)         # pᵀ dO
+        dv = dv + _dot(p.astype(do.dtype), do, 0, 0, cfg.precision)  # pᵀ dO
         ds = p * (_dot(do, v, 1, 1, cfg.precision) - delta)
-        dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, cfg.precision)          # dSᵀ q
+        dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, cfg.precision)  # dSᵀ q
         return dk, dv
 
     def head(h, carry):  # the g query heads sharing this kv head add into one dk, dv
@@ -269,6 +283,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 
 # ----------------------------------------------------------------------- pallas calls
 
+
 def _rows(block, width):
     """Spec for a [block, width] tile of a [B, K, rows, width] array, grid (b, kv, r)."""
     return pl.BlockSpec((None, None, block, width), lambda b, h, r: (b, h, r, 0))
@@ -280,9 +295,16 @@ def _whole(rows, width):
 
 
 def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
-    return pl.pallas_call(functools.partial(kernel, cfg=cfg), grid=grid, in_specs=in_specs,
-                          out_specs=out_specs, out_shape=out_shape, interpret=cfg.interpret,
-                          compiler_params=cfg.compiler_params, name=name)
+    return pl.pallas_call(
+        functools.partial(kernel, cfg=cfg),
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=cfg.interpret,
+        compiler_params=cfg.compiler_params,
+        name=name,
+    )
 
 
 def _forward(q, k, v, cfg: _Cfg):
@@ -290,10 +312,14 @@ def _forward(q, k, v, cfg: _Cfg):
     S, G = k.shape[2], v.shape[3]
     row = jax.ShapeDtypeStruct((B, K, M, 1), jnp.float32)
     return _call(
-        _fwd_kernel, cfg, (B, K, M // cfg.bq),
+        _fwd_kernel,
+        cfg,
+        (B, K, M // cfg.bq),
         [_rows(cfg.bq, H), _whole(S, H), _whole(S, G)],
         [_rows(cfg.bq, G), _rows(cfg.bq, 1), _rows(cfg.bq, 1)],
-        [jax.ShapeDtypeStruct((B, K, M, G), q.dtype), row, row], "mlalm_flash_fwd")(q, k, v)
+        [jax.ShapeDtypeStruct((B, K, M, G), q.dtype), row, row],
+        "mlalm_flash_fwd",
+    )(q, k, v)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -317,18 +343,30 @@ def _flash_bwd(cfg, res, cts):
     # δ_i = Σ_g dO_ig O_ig: a cheap row reduction XLA fuses, no kernel needed
     delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), -1, keepdims=True)
     dq = _call(
-        _dq_kernel, cfg, (B, K, M // cfg.bq_dq),
-        [_rows(cfg.bq_dq, H), _whole(S, H), _whole(S, G), _rows(cfg.bq_dq, G),
-         _rows(cfg.bq_dq, 1), _rows(cfg.bq_dq, 1)],
-        _rows(cfg.bq_dq, H), jax.ShapeDtypeStruct(q.shape, q.dtype),
-        "mlalm_flash_dq")(q, k, v, do, lse, delta)
+        _dq_kernel,
+        cfg,
+        (B, K, M // cfg.bq_dq),
+        [
+            _rows(cfg.bq_dq, H),
+            _whole(S, H),
+            _whole(S, G),
+            _rows(cfg.bq_dq, G),
+            _rows(cfg.bq_dq, 1),
+            _rows(cfg.bq_dq, 1),
+        ],
+        _rows(cfg.bq_dq, H),
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        "mlalm_flash_dq",
+    )(q, k, v, do, lse, delta)
     dk, dv = _call(
-        _dkv_kernel, cfg, (B, K, S // cfg.bk_dkv),
-        [_whole(M, H), _rows(cfg.bk_dkv, H), _rows(cfg.bk_dkv, G), _whole(M, G),
-         _whole(M, 1), _whole(M, 1)],
+        _dkv_kernel,
+        cfg,
+        (B, K, S // cfg.bk_dkv),
+        [_whole(M, H), _rows(cfg.bk_dkv, H), _rows(cfg.bk_dkv, G), _whole(M, G), _whole(M, 1), _whole(M, 1)],
         [_rows(cfg.bk_dkv, H), _rows(cfg.bk_dkv, G)],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        "mlalm_flash_dkv")(q, k, v, do, lse, delta)
+        "mlalm_flash_dkv",
+    )(q, k, v, do, lse, delta)
     return dq, dk, dv
 
 
@@ -337,6 +375,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 # ----------------------------------------------------------------------------- wrapper
 
+
 def _fit(block: int, n: int) -> int:
     """Shrink a power-of-two block to the smallest power of two >= n (at least 16)."""
     return min(block, max(_MIN_BLOCK, pl.next_power_of_2(n)))
@@ -344,8 +383,10 @@ def _fit(block: int, n: int) -> int:
 
 def _check_shapes(q, k, v):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"flash_attention wants q [B,T,N,H], k [B,S,K,H], v [B,S,K,G]; "
-                         f"got q{q.shape}, k{k.shape}, v{v.shape}")
+        raise ValueError(
+            f"flash_attention wants q [B,T,N,H], k [B,S,K,H], v [B,S,K,G]; "
+            f"got q{q.shape}, k{k.shape}, v{v.shape}"
+        )
     (B, T, N, H), (Bk, S, K, Hk), (Bv, Sv, Kv, G) = q.shape, k.shape, v.shape
     if not B == Bk == Bv:
         raise ValueError(f"batch differs: q{q.shape}, k{k.shape}, v{v.shape}")
@@ -354,19 +395,28 @@ def _check_shapes(q, k, v):
     if H != Hk:
         raise ValueError(f"q head dim {H} (q{q.shape}) != k head dim {Hk} (k{k.shape})")
     if K == 0 or N % K:
-        raise ValueError(f"query heads N={N} (q{q.shape}) not divisible by kv heads K={K} "
-                         f"(k{k.shape}); K must divide N")
+        raise ValueError(
+            f"query heads N={N} (q{q.shape}) not divisible by kv heads K={K} (k{k.shape}); K must divide N"
+        )
     if min(B, T, S, H, G) == 0:
         raise ValueError(f"empty dimension in q{q.shape}, k{k.shape}, v{v.shape}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16,
-                                                                jnp.float16):
-        raise ValueError(f"q, k, v must share one of float32/bfloat16/float16; got "
-                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(
+            f"q, k, v must share one of float32/bfloat16/float16; got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
 
 
-def flash_attention(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale=None,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                    return_max_logit: bool = False):
+def flash_attention(
+    q_BTNH,
+    k_BSKH,
+    v_BSKG,
+    *,
+    causal: bool = True,
+    sm_scale=None,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    return_max_logit: bool = False,
+):
     """softmax(c · q kᵀ) v by the Pallas flash kernels, differentiable (custom VJP).
 
     Args:
@@ -404,14 +454,29 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale=Non
         if backend == "gpu" and not interpret:
             # JAX 0.10 lowers pallas_call to Mosaic GPU unless handed Triton's params
             from jax.experimental.pallas import triton as pltriton
+
             params = pltriton.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages)
     dtype = q_BTNH.dtype
-    cfg = _Cfg(causal=bool(causal), sm_scale=float(H ** -0.5 if sm_scale is None else sm_scale),
-               g=N // K, t_pad=t_pad, s_len=S, s_pad=s_pad, offset=S - T, bq=bq, bk=bk,
-               bq_dq=bq_dq, bk_dq=bk_dq, bq_dkv=bq_dkv, bk_dkv=bk_dkv, interpret=interpret,
-               precision=(lax.Precision.HIGHEST if dtype == jnp.float32
-                          else lax.Precision.DEFAULT),  # f32 must not silently drop to TF32
-               compiler_params=params)
+    cfg = _Cfg(
+        causal=bool(causal),
+        sm_scale=float(H**-0.5 if sm_scale is None else sm_scale),
+        g=N // K,
+        t_pad=t_pad,
+        s_len=S,
+        s_pad=s_pad,
+        offset=S - T,
+        bq=bq,
+        bk=bk,
+        bq_dq=bq_dq,
+        bk_dq=bk_dq,
+        bq_dkv=bq_dkv,
+        bk_dkv=bk_dkv,
+        interpret=interpret,
+        precision=(
+            lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
+        ),  # f32 must not silently drop to TF32
+        compiler_params=params,
+    )
 
     def to_kernel(x, length, pad_len, width):  # [B, L, heads, d] -> [B, heads, Lp, dp]
         x = jnp.swapaxes(x, 1, 2)
@@ -420,7 +485,8 @@ def flash_attention(q_BTNH, k_BSKH, v_BSKG, *, causal: bool = True, sm_scale=Non
     q = to_kernel(q_BTNH, T, t_pad, hp).reshape(B, K, (N // K) * t_pad, hp)
     k = to_kernel(k_BSKH, S, s_pad, hp)
     v = to_kernel(v_BSKG, S, s_pad, gp)
-    o, mx = _flash(q, k, v, cfg)
+    # the custom_vjp decorated through functools.partial loses _flash's return type
+    o, mx = cast("tuple[jax.Array, jax.Array]", _flash(q, k, v, cfg))
     o_BTNG = jnp.swapaxes(o.reshape(B, N, t_pad, gp)[:, :, :T, :G], 1, 2)
     if not return_max_logit:
         return o_BTNG

@@ -41,27 +41,28 @@ def mla_decode_reference(q_abs_BNR, q_pe_BNP, c_kv_BSR, k_pe_BSP, lengths_B, *, 
         o_BNR in the dtype of q_abs (zeros where length is 0); float32 softmax.
     """
     hi = lax.Precision.HIGHEST
-    s = (jnp.einsum("BNR,BSR->BNS", q_abs_BNR, c_kv_BSR, precision=hi,
-                    preferred_element_type=jnp.float32)
-         + jnp.einsum("BNP,BSP->BNS", q_pe_BNP, k_pe_BSP, precision=hi,
-                      preferred_element_type=jnp.float32)) * sm_scale
+    s = (
+        jnp.einsum("BNR,BSR->BNS", q_abs_BNR, c_kv_BSR, precision=hi, preferred_element_type=jnp.float32)
+        + jnp.einsum("BNP,BSP->BNS", q_pe_BNP, k_pe_BSP, precision=hi, preferred_element_type=jnp.float32)
+    ) * sm_scale
     mask = jnp.arange(c_kv_BSR.shape[1])[None, None, :] < lengths_B[:, None, None]
     s = jnp.where(mask, s, -jnp.inf)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0)), 0.0)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("BNS,BSR->BNR", p / jnp.where(l == 0, 1.0, l),
-                   c_kv_BSR.astype(jnp.float32), precision=hi)
+    o = jnp.einsum("BNS,BSR->BNR", p / jnp.where(l == 0, 1.0, l), c_kv_BSR.astype(jnp.float32), precision=hi)
     return o.astype(q_abs_BNR.dtype)
 
 
-def _decode_kernel(len_ref, qa_ref, qp_ref, c_ref, kp_ref, acc_ref, m_ref, l_ref, *,
-                   block_s, chunk, sm_scale, precision):
+def _decode_kernel(
+    len_ref, qa_ref, qp_ref, c_ref, kp_ref, acc_ref, m_ref, l_ref, *, block_s, chunk, sm_scale, precision
+):
     length = len_ref[pl.program_id(0), 0]
     start = pl.program_id(1) * chunk  # first cache position of this split
     # only blocks holding a position < length: ceil((length - start) / block_s), clipped
-    n_blocks = jnp.minimum(jnp.maximum(lax.div(length - start + block_s - 1, _i32(block_s)), 0),
-                           chunk // block_s)
+    n_blocks = jnp.minimum(
+        jnp.maximum(lax.div(length - start + block_s - 1, _i32(block_s)), 0), chunk // block_s
+    )
     qa, qp = qa_ref[...], qp_ref[...]
     N, R = qa.shape
 
@@ -80,35 +81,47 @@ def _decode_kernel(len_ref, qa_ref, qp_ref, c_ref, kp_ref, acc_ref, m_ref, l_ref
         acc = alpha * acc + _dot(p.astype(c.dtype), c, 1, 0, precision)
         return acc, m_new, l
 
-    init = (jnp.zeros((N, R), jnp.float32), jnp.full((N, 1), NEG_INF, jnp.float32),
-            jnp.zeros((N, 1), jnp.float32))
+    init = (
+        jnp.zeros((N, R), jnp.float32),
+        jnp.full((N, 1), NEG_INF, jnp.float32),
+        jnp.zeros((N, 1), jnp.float32),
+    )
     acc, m, l = _fori(0, n_blocks, body, init)
     acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
 
 def _check(q_abs, q_pe, c_kv, k_pe, lengths):
     if q_abs.ndim != 3 or q_pe.ndim != 3 or c_kv.ndim != 3 or k_pe.ndim != 3:
-        raise ValueError(f"mla_decode wants q_abs [B,N,R], q_pe [B,N,P], c_kv [B,S,R], "
-                         f"k_pe [B,S,P]; got {q_abs.shape}, {q_pe.shape}, {c_kv.shape}, "
-                         f"{k_pe.shape}")
+        raise ValueError(
+            f"mla_decode wants q_abs [B,N,R], q_pe [B,N,P], c_kv [B,S,R], "
+            f"k_pe [B,S,P]; got {q_abs.shape}, {q_pe.shape}, {c_kv.shape}, "
+            f"{k_pe.shape}"
+        )
     (B, N, R), (_, _, P) = q_abs.shape, q_pe.shape
     if q_pe.shape[:2] != (B, N):
         raise ValueError(f"q_pe{q_pe.shape} must match q_abs{q_abs.shape} in [B, N]")
     if c_kv.shape[0] != B or c_kv.shape[2] != R:
-        raise ValueError(f"c_kv{c_kv.shape} must be [B={B}, S, R={R}] to match "
-                         f"q_abs{q_abs.shape}")
+        raise ValueError(f"c_kv{c_kv.shape} must be [B={B}, S, R={R}] to match q_abs{q_abs.shape}")
     if k_pe.shape != (B, c_kv.shape[1], P):
         raise ValueError(f"k_pe{k_pe.shape} must be [B, S, P] = {(B, c_kv.shape[1], P)}")
     if lengths.shape != (B,):
         raise ValueError(f"lengths{lengths.shape} must be [B={B}]")
     if min(B, N, R, P, c_kv.shape[1]) == 0:
-        raise ValueError(f"empty dimension in q_abs{q_abs.shape}, q_pe{q_pe.shape}, "
-                         f"c_kv{c_kv.shape}")
+        raise ValueError(f"empty dimension in q_abs{q_abs.shape}, q_pe{q_pe.shape}, c_kv{c_kv.shape}")
 
 
-def mla_decode(q_abs_BNR, q_pe_BNP, c_kv_BSR, k_pe_BSP, lengths_B, *, sm_scale,
-               block_s: int | None = None, num_splits: int | None = None,
-               interpret: bool | None = None):
+def mla_decode(
+    q_abs_BNR,
+    q_pe_BNP,
+    c_kv_BSR,
+    k_pe_BSP,
+    lengths_B,
+    *,
+    sm_scale,
+    block_s: int | None = None,
+    num_splits: int | None = None,
+    interpret: bool | None = None,
+):
     """Absorbed-MLA decode attention for one new query per sequence.
 
     Args:
@@ -148,6 +161,7 @@ def mla_decode(q_abs_BNR, q_pe_BNP, c_kv_BSR, k_pe_BSP, lengths_B, *, sm_scale,
     len_spec = pl.BlockSpec((B, 1), lambda b, j: (0, 0))  # all lengths; each reads one
     if backend == "tpu" and not interpret:
         from jax.experimental.pallas import tpu as pltpu
+
         n_p, r_p, p_p, params = N, R, P, None
         len_spec = pl.BlockSpec(memory_space=pltpu.SMEM)  # Mosaic reads scalars from SMEM
     else:  # Triton: power-of-two tiles, tl.dot dims >= 16
@@ -155,6 +169,7 @@ def mla_decode(q_abs_BNR, q_pe_BNP, c_kv_BSR, k_pe_BSP, lengths_B, *, sm_scale,
         params = None
         if backend == "gpu" and not interpret:  # select Triton, not Mosaic GPU
             from jax.experimental.pallas import triton as pltriton
+
             params = pltriton.CompilerParams()
     dtype = q_abs_BNR.dtype
     precision = lax.Precision.HIGHEST if dtype == jnp.float32 else lax.Precision.DEFAULT
@@ -168,20 +183,25 @@ def mla_decode(q_abs_BNR, q_pe_BNP, c_kv_BSR, k_pe_BSP, lengths_B, *, sm_scale,
     c, kp = pad(c_kv_BSR.astype(dtype), s_pad, r_p), pad(k_pe_BSP.astype(dtype), s_pad, p_p)
     lengths = jnp.clip(lengths_B.astype(jnp.int32), 0, S).reshape(B, 1)
 
-    kernel = functools.partial(_decode_kernel, block_s=bs, chunk=chunk,
-                               sm_scale=float(sm_scale), precision=precision)
+    kernel = functools.partial(
+        _decode_kernel, block_s=bs, chunk=chunk, sm_scale=float(sm_scale), precision=precision
+    )
     part = lambda w: pl.BlockSpec((None, None, n_p, w), lambda b, j: (b, j, 0, 0))
     acc, m, l = pl.pallas_call(
-        kernel, grid=(B, num_splits),
-        in_specs=[len_spec,
-                  pl.BlockSpec((None, n_p, r_p), lambda b, j: (b, 0, 0)),
-                  pl.BlockSpec((None, n_p, p_p), lambda b, j: (b, 0, 0)),
-                  pl.BlockSpec((None, chunk, r_p), lambda b, j: (b, j, 0)),
-                  pl.BlockSpec((None, chunk, p_p), lambda b, j: (b, j, 0))],
+        kernel,
+        grid=(B, num_splits),
+        in_specs=[
+            len_spec,
+            pl.BlockSpec((None, n_p, r_p), lambda b, j: (b, 0, 0)),
+            pl.BlockSpec((None, n_p, p_p), lambda b, j: (b, 0, 0)),
+            pl.BlockSpec((None, chunk, r_p), lambda b, j: (b, j, 0)),
+            pl.BlockSpec((None, chunk, p_p), lambda b, j: (b, j, 0)),
+        ],
         out_specs=[part(r_p), part(1), part(1)],
-        out_shape=[jax.ShapeDtypeStruct((B, num_splits, n_p, w), jnp.float32)
-                   for w in (r_p, 1, 1)],
-        interpret=interpret, compiler_params=params, name="mlalm_mla_decode",
+        out_shape=[jax.ShapeDtypeStruct((B, num_splits, n_p, w), jnp.float32) for w in (r_p, 1, 1)],
+        interpret=interpret,
+        compiler_params=params,
+        name="mlalm_mla_decode",
     )(lengths, qa, qp, c, kp)
 
     # combine the splits: empty splits have l = 0, a = 0 and drop out; if all are empty

@@ -22,9 +22,8 @@ it carries as metadata (``mlalm.model.layers.param``: label, fan-in, fan-out and
 axes), so renaming a parameter never changes how it is trained.
 """
 
-from mlalm.model.transformer import Transformer, count_params
 from mlalm.model.attention import kv_cache_bytes_per_token_per_layer
 from mlalm.model.moe import balance_bias_update
+from mlalm.model.transformer import Transformer, count_params
 
-__all__ = ["Transformer", "count_params", "kv_cache_bytes_per_token_per_layer",
-           "balance_bias_update"]
+__all__ = ["Transformer", "count_params", "kv_cache_bytes_per_token_per_layer", "balance_bias_update"]

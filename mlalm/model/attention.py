@@ -64,8 +64,16 @@ def _core_hm(q, k, v, causal, q_offset):
     return o, jax.lax.stop_gradient(jnp.max(row_max, axis=(0, q.ndim - 2, q.ndim - 1)))
 
 
-def attention_core(q_BTNH, k_BSKH, v_BSKG, *, scale: float, causal: bool = True,
-                   q_offset: int = 0, q_blocks: int | None = None):
+def attention_core(
+    q_BTNH,
+    k_BSKH,
+    v_BSKG,
+    *,
+    scale: float,
+    causal: bool = True,
+    q_offset: int = 0,
+    q_blocks: int | None = None,
+):
     """softmax(q kᵀ · scale) v with K kv heads shared by N/K query heads each.
 
     Scores, mask and softmax in float32; the head grouping is a reshape, so GQA/MQA never
@@ -116,8 +124,8 @@ def core_attention(impl: str, q, k, v, *, scale: float):
     """``attention_core`` (XLA) or the Pallas flash kernel, by ``attention.impl``."""
     if impl == "pallas":
         from mlalm.kernels import flash_attention
-        return flash_attention(q, k, v.astype(q.dtype), causal=True, sm_scale=scale,
-                               return_max_logit=True)
+
+        return flash_attention(q, k, v.astype(q.dtype), causal=True, sm_scale=scale, return_max_logit=True)
     return attention_core(q, k, v, scale=scale)
 
 
@@ -128,6 +136,7 @@ def core_attention(impl: str, q, k, v, *, scale: float):
 # Row b, slot s holds the token at position s of sequence b; slots past a row's length
 # are masked, so stale or padding entries there are never attended.
 # ---------------------------------------------------------------------------------------
+
 
 def cache_write(cache_BS_, new_BT_, positions_BT):
     """cache[b, positions[b, t]] = new[b, t] (a scatter; positions >= S are dropped)."""
@@ -152,8 +161,7 @@ def cached_attention(q_BTNH, k_BSKH, v_BSKG, positions_BT, *, scale: float):
     return o.reshape(B, T, N, v_BSKG.shape[-1])
 
 
-def absorbed_mla_attention(q_abs_BTNR, q_pe_BTNP, c_kv_BSR, k_pe_BSP, positions_BT, *,
-                           scale: float):
+def absorbed_mla_attention(q_abs_BTNR, q_pe_BTNP, c_kv_BSR, k_pe_BSP, positions_BT, *, scale: float):
     """MLA over the latent cache with W_UK absorbed into the query (see "MLA" in
     docs/architecture.md):
 
@@ -164,9 +172,10 @@ def absorbed_mla_attention(q_abs_BTNR, q_pe_BTNP, c_kv_BSR, k_pe_BSP, positions_
     Returns o_BTNR in the dtype of c_kv.
     """
     S = c_kv_BSR.shape[1]
-    s = (jnp.einsum("BTNR,BSR->BTNS", q_abs_BTNR, c_kv_BSR, preferred_element_type=jnp.float32)
-         + jnp.einsum("BTNP,BSP->BTNS", q_pe_BTNP, k_pe_BSP,
-                      preferred_element_type=jnp.float32)) * scale
+    s = (
+        jnp.einsum("BTNR,BSR->BTNS", q_abs_BTNR, c_kv_BSR, preferred_element_type=jnp.float32)
+        + jnp.einsum("BTNP,BSP->BTNS", q_pe_BTNP, k_pe_BSP, preferred_element_type=jnp.float32)
+    ) * scale
     mask_BTS = jnp.arange(S)[None, None, :] <= positions_BT[:, :, None]
     s = jnp.where(mask_BTS[:, :, None, :], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
@@ -177,6 +186,7 @@ def _mla_decode_splits(S: int, B: int) -> int | None:
     """A ``num_splits`` for ``mla_decode`` that cuts S into whole 64-row blocks, so the
     kernel never copies the cache into a padded buffer (None: let the kernel choose)."""
     from mlalm.kernels.mla_decode import _TARGET_PROGRAMS
+
     if S % 64:
         return None
     n_blocks = S // 64
@@ -187,9 +197,20 @@ def _mla_decode_splits(S: int, B: int) -> int | None:
 class MultiHeadAttention(nnx.Module):
     """MHA (K = N), GQA (1 < K < N) and MQA (K = 1) with RoPE on the whole head."""
 
-    def __init__(self, *, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 std: float, out_std: float, dtype=jnp.float32, param_dtype=jnp.float32,
-                 impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        std: float,
+        out_std: float,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         N, K, H, D = n_heads, n_kv_heads, head_dim, d_model
         pd = param_dtype
         G = H  # value head dim: equal to the query/key head dim here
@@ -199,9 +220,17 @@ class MultiHeadAttention(nnx.Module):
         self.wq_DNH = param(rngs, (D, N, H), ("embed", "heads", "head_dim"), std=std, **proj_in)
         self.wk_DKH = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, **proj_in)
         self.wv_DKG = param(rngs, (D, K, G), ("embed", "kv_heads", "head_dim"), std=std, **proj_in)
-        self.wo_NGD = param(rngs, (N, G, D), ("heads", "head_dim", "embed"), std=out_std,
-                            label="hidden", fan_in=(0, 1), fan_out=(2,), dtype=pd)
-        self.scale = H ** -0.5
+        self.wo_NGD = param(
+            rngs,
+            (N, G, D),
+            ("heads", "head_dim", "embed"),
+            std=out_std,
+            label="hidden",
+            fan_in=(0, 1),
+            fan_out=(2,),
+            dtype=pd,
+        )
+        self.scale = H**-0.5
         self.dtype = dtype
         self.impl = impl
 
@@ -226,8 +255,7 @@ class MultiHeadAttention(nnx.Module):
         (``absorbed`` only matters to MLA)."""
         _, K, H = self.wk_DKH.shape
         G = self.wv_DKG.shape[2]
-        return {"k": jnp.zeros((batch, max_len, K, H), dtype),
-                "v": jnp.zeros((batch, max_len, K, G), dtype)}
+        return {"k": jnp.zeros((batch, max_len, K, H), dtype), "v": jnp.zeros((batch, max_len, K, G), dtype)}
 
     def forward_cached(self, x_BTD, cos, sin, cache: dict, positions_BT):
         """Attention of T new tokens at ``positions_BT`` over the cache after writing them to it.
@@ -253,10 +281,24 @@ class MultiHeadAttention(nnx.Module):
 class MLAttention(nnx.Module):
     """Multi-head Latent Attention with optional q LoRA and decoupled RoPE."""
 
-    def __init__(self, *, d_model: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int,
-                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float,
-                 std: float, out_std: float, dtype=jnp.float32, param_dtype=jnp.float32,
-                 impl: str = "xla", rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_heads: int,
+        q_lora_rank: int,
+        kv_lora_rank: int,
+        qk_nope_head_dim: int,
+        qk_rope_head_dim: int,
+        v_head_dim: int,
+        norm_eps: float,
+        std: float,
+        out_std: float,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
         D, N, R, P = d_model, n_heads, kv_lora_rank, qk_rope_head_dim
         dn, dv = qk_nope_head_dim, v_head_dim
         pd = param_dtype
@@ -268,8 +310,9 @@ class MLAttention(nnx.Module):
         if q_lora_rank:
             self.wq_a_DQ = param(rngs, (D, q_lora_rank), ("embed", "q_lora"), std=std, **matrix)
             self.q_norm = RMSNorm(q_lora_rank, eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
-            self.wq_b_QNH = param(rngs, (q_lora_rank, N, dn + P), ("q_lora", "heads", "head_dim"),
-                                  std=std, **up)
+            self.wq_b_QNH = param(
+                rngs, (q_lora_rank, N, dn + P), ("q_lora", "heads", "head_dim"), std=std, **up
+            )
         else:
             self.wq_DNH = param(rngs, (D, N, dn + P), ("embed", "heads", "head_dim"), std=std, **up)
         self.q_lora = bool(q_lora_rank)
@@ -277,10 +320,17 @@ class MLAttention(nnx.Module):
         self.wkv_a_DJ = param(rngs, (D, R + P), ("embed", "kv_lora"), std=std, **matrix)
         self.kv_norm = RMSNorm(R, eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
         # per head k_nope then v: width U = d_n + d_v
-        self.wkv_b_RNU = param(rngs, (R, N, dn + dv), ("kv_lora", "heads", "head_dim"), std=std,
-                               **up)
-        self.wo_NGD = param(rngs, (N, dv, D), ("heads", "head_dim", "embed"), std=out_std,
-                            label="hidden", fan_in=(0, 1), fan_out=(2,), dtype=pd)
+        self.wkv_b_RNU = param(rngs, (R, N, dn + dv), ("kv_lora", "heads", "head_dim"), std=std, **up)
+        self.wo_NGD = param(
+            rngs,
+            (N, dv, D),
+            ("heads", "head_dim", "embed"),
+            std=out_std,
+            label="hidden",
+            fan_in=(0, 1),
+            fan_out=(2,),
+            dtype=pd,
+        )
         self.scale = (dn + P) ** -0.5
         self.dtype = dtype
         self.impl = impl
@@ -293,19 +343,19 @@ class MLAttention(nnx.Module):
             q = linear(cq, self.wq_b_QNH[...].astype(dt))
         else:
             q = linear(x_BTD, self.wq_DNH[...].astype(dt))
-        return q[..., :self.dn], apply_rope(q[..., self.dn:], cos, sin)
+        return q[..., : self.dn], apply_rope(q[..., self.dn :], cos, sin)
 
     def latent(self, x_BTD, cos, sin):
         """What MLA caches per token: normalised c_kv [B,T,R] and rotated k_pe [B,T,P]."""
         ckv = linear(x_BTD, self.wkv_a_DJ[...].astype(self.dtype))
-        c_kv = self.kv_norm(ckv[..., :self.R])
-        k_pe = apply_rope(ckv[..., None, self.R:], cos, sin)[:, :, 0]
+        c_kv = self.kv_norm(ckv[..., : self.R])
+        k_pe = apply_rope(ckv[..., None, self.R :], cos, sin)[:, :, 0]
         return c_kv, k_pe
 
     def expand(self, c_kv_BSR, k_pe_BSP):
         """Per-head keys [B,S,N,dn+dr] and values [B,S,N,dv] from the latent (no absorption)."""
         kv = linear(c_kv_BSR, self.wkv_b_RNU[...].astype(self.dtype))
-        k_nope, v = kv[..., :self.dn], kv[..., self.dn:]
+        k_nope, v = kv[..., : self.dn], kv[..., self.dn :]
         k_pe = jnp.broadcast_to(k_pe_BSP[:, :, None, :], k_nope.shape[:3] + (self.dr,))
         return jnp.concatenate([k_nope, k_pe], axis=-1), v
 
@@ -326,8 +376,10 @@ class MLAttention(nnx.Module):
         B, S, N = batch, max_len, self.n_heads
         if absorbed:
             return {"c_kv": jnp.zeros((B, S, self.R), dtype), "k_pe": jnp.zeros((B, S, self.dr), dtype)}
-        return {"k": jnp.zeros((B, S, N, self.dn + self.dr), dtype),
-                "v": jnp.zeros((B, S, N, self.dv), dtype)}
+        return {
+            "k": jnp.zeros((B, S, N, self.dn + self.dr), dtype),
+            "v": jnp.zeros((B, S, N, self.dv), dtype),
+        }
 
     def forward_cached(self, x_BTD, cos, sin, cache: dict, positions_BT):
         """MLA of T new tokens at ``positions_BT`` over the cache after writing them to it.
@@ -352,15 +404,23 @@ class MLAttention(nnx.Module):
         c_c = cache_write(cache["c_kv"], c_kv, positions_BT)
         kp_c = cache_write(cache["k_pe"], k_pe, positions_BT)
         w_kvb = self.wkv_b_RNU[...].astype(self.dtype)
-        w_uk_RNH, w_uv_RNG = w_kvb[..., :self.dn], w_kvb[..., self.dn:]
+        w_uk_RNH, w_uv_RNG = w_kvb[..., : self.dn], w_kvb[..., self.dn :]
         # q_nope·k_nope = q_nope·(W_UK c) = (q_nope·W_UK)·c: fold W_UK into the query
         q_abs = jnp.einsum("BTNH,RNH->BTNR", q_nope, w_uk_RNH)
         B, T = positions_BT.shape
         if self.impl == "pallas" and T == 1:
             from mlalm.kernels import mla_decode
+
             S = c_c.shape[1]
-            o_BNR = mla_decode(q_abs[:, 0], q_pe[:, 0], c_c, kp_c, positions_BT[:, 0] + 1,
-                               sm_scale=self.scale, num_splits=_mla_decode_splits(S, B))
+            o_BNR = mla_decode(
+                q_abs[:, 0],
+                q_pe[:, 0],
+                c_c,
+                kp_c,
+                positions_BT[:, 0] + 1,
+                sm_scale=self.scale,
+                num_splits=_mla_decode_splits(S, B),
+            )
             o_lat = o_BNR[:, None]
         else:
             o_lat = absorbed_mla_attention(q_abs, q_pe, c_c, kp_c, positions_BT, scale=self.scale)
@@ -373,32 +433,50 @@ class MLAttention(nnx.Module):
         gamma; the rope key is shared by all heads and stays untouched."""
         g, dn = jnp.sqrt(gamma_N), self.dn
         wq = self.wq_b_QNH if self.q_lora else self.wq_DNH
-        q_scale = jnp.concatenate([jnp.broadcast_to(g[:, None], (self.n_heads, dn)),
-                                   jnp.broadcast_to(gamma_N[:, None], (self.n_heads, self.dr))], axis=1)
+        q_scale = jnp.concatenate(
+            [
+                jnp.broadcast_to(g[:, None], (self.n_heads, dn)),
+                jnp.broadcast_to(gamma_N[:, None], (self.n_heads, self.dr)),
+            ],
+            axis=1,
+        )
         wq.set_value(wq[...] * q_scale[None].astype(wq.dtype))
-        kv_scale = jnp.concatenate([jnp.broadcast_to(g[:, None], (self.n_heads, dn)),
-                                    jnp.ones((self.n_heads, self.dv), g.dtype)], axis=1)
+        kv_scale = jnp.concatenate(
+            [jnp.broadcast_to(g[:, None], (self.n_heads, dn)), jnp.ones((self.n_heads, self.dv), g.dtype)],
+            axis=1,
+        )
         self.wkv_b_RNU.set_value(self.wkv_b_RNU[...] * kv_scale[None].astype(self.wkv_b_RNU.dtype))
 
 
-def make_attention(cfg, *, rngs: nnx.Rngs) -> nnx.Module:
+def make_attention(cfg, *, rngs: nnx.Rngs) -> MLAttention | MultiHeadAttention:
     """Build the attention module that ``cfg.attention.kind`` names."""
     from mlalm.model.layers import DTYPES
+
     a, m = cfg.attention, cfg.model
-    common = dict(d_model=m.d_model, std=m.init_std,
-                  out_std=m.init_std / math.sqrt(2 * m.n_layers),
-                  dtype=DTYPES[m.dtype], param_dtype=DTYPES[m.param_dtype], impl=a.impl, rngs=rngs)
+    common = dict(
+        d_model=m.d_model,
+        std=m.init_std,
+        out_std=m.init_std / math.sqrt(2 * m.n_layers),
+        dtype=DTYPES[m.dtype],
+        param_dtype=DTYPES[m.param_dtype],
+        impl=a.impl,
+        rngs=rngs,
+    )
     if a.kind == "mla":
-        return MLAttention(n_heads=a.n_heads, q_lora_rank=a.q_lora_rank,
-                           kv_lora_rank=a.kv_lora_rank, qk_nope_head_dim=a.qk_nope_head_dim,
-                           qk_rope_head_dim=a.qk_rope_head_dim, v_head_dim=a.v_head_dim,
-                           norm_eps=m.norm_eps, **common)
-    return MultiHeadAttention(n_heads=a.n_heads, n_kv_heads=cfg.n_kv_heads,
-                              head_dim=a.head_dim, **common)
+        return MLAttention(
+            n_heads=a.n_heads,
+            q_lora_rank=a.q_lora_rank,
+            kv_lora_rank=a.kv_lora_rank,
+            qk_nope_head_dim=a.qk_nope_head_dim,
+            qk_rope_head_dim=a.qk_rope_head_dim,
+            v_head_dim=a.v_head_dim,
+            norm_eps=m.norm_eps,
+            **common,
+        )
+    return MultiHeadAttention(n_heads=a.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=a.head_dim, **common)
 
 
-def kv_cache_bytes_per_token_per_layer(cfg, *, dtype_bytes: int | None = None,
-                                       absorbed: bool = True) -> int:
+def kv_cache_bytes_per_token_per_layer(cfg, *, dtype_bytes: int | None = None, absorbed: bool = True) -> int:
     """KV-cache bytes one token occupies in one layer.
 
     MHA 2·n_h·d_h·b, GQA 2·n_kv·d_h·b, MQA 2·d_h·b, MLA latent (d_c + d_r)·b, and MLA

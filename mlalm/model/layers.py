@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.core import Tracer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -38,6 +39,7 @@ class Roles(NamedTuple):
         orthogonalises it as the matrix [prod(fan_in), prod(fan_out)] per batch index.
         Other labels may state fan_in/fan_out (empty when meaningless, e.g. a norm scale).
     """
+
     label: str
     fan_in: tuple[int, ...] = ()
     fan_out: tuple[int, ...] = ()
@@ -51,12 +53,16 @@ def check_roles(roles: Roles, ndim: int, where: str = "parameter") -> Roles:
     axes = roles.fan_in + roles.fan_out + roles.batch
     valid = all(isinstance(a, int) and 0 <= a < ndim for a in axes)
     if not valid or len(set(axes)) != len(axes):
-        raise ValueError(f"{where}: fan_in={roles.fan_in}, fan_out={roles.fan_out}, "
-                         f"batch={roles.batch} must be distinct axis indices of a {ndim}-d array")
+        raise ValueError(
+            f"{where}: fan_in={roles.fan_in}, fan_out={roles.fan_out}, "
+            f"batch={roles.batch} must be distinct axis indices of a {ndim}-d array"
+        )
     if roles.label == "hidden" and (not roles.fan_in or not roles.fan_out or len(axes) != ndim):
-        raise ValueError(f"{where}: a 'hidden' parameter needs non-empty fan_in and fan_out that "
-                         f"with batch cover all {ndim} axes (got fan_in={roles.fan_in}, "
-                         f"fan_out={roles.fan_out}, batch={roles.batch})")
+        raise ValueError(
+            f"{where}: a 'hidden' parameter needs non-empty fan_in and fan_out that "
+            f"with batch cover all {ndim} axes (got fan_in={roles.fan_in}, "
+            f"fan_out={roles.fan_out}, batch={roles.batch})"
+        )
     return roles
 
 
@@ -69,20 +75,37 @@ def param_roles(var, where: str = "parameter") -> Roles:
         ValueError: ``var`` carries no (or inconsistent) roles.
     """
     if not isinstance(var, nnx.Variable):
-        raise TypeError(f"{where}: a {type(var).__name__}, not an nnx.Param made by "
-                         f"mlalm.model.layers.param, so it has no optimizer label")
+        raise TypeError(
+            f"{where}: a {type(var).__name__}, not an nnx.Param made by "
+            f"mlalm.model.layers.param, so it has no optimizer label"
+        )
     meta = var.get_metadata()
     if "label" not in meta:
-        raise ValueError(f"{where}: no 'label' metadata; create it with "
-                         f"mlalm.model.layers.param(..., label=...)")
-    roles = Roles(meta["label"], tuple(meta.get("fan_in", ())), tuple(meta.get("fan_out", ())),
-                  tuple(meta.get("batch", ())))
+        raise ValueError(
+            f"{where}: no 'label' metadata; create it with mlalm.model.layers.param(..., label=...)"
+        )
+    roles = Roles(
+        meta["label"],
+        tuple(meta.get("fan_in", ())),
+        tuple(meta.get("fan_out", ())),
+        tuple(meta.get("batch", ())),
+    )
     return check_roles(roles, len(var.shape), where)
 
 
-def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], *, label: str,
-          fan_in: tuple[int, ...] = (), fan_out: tuple[int, ...] = (), batch: tuple[int, ...] = (),
-          std: float | None = 0.02, dtype=jnp.float32, init: str = "normal") -> nnx.Param:
+def param(
+    rngs: nnx.Rngs,
+    shape: tuple[int, ...],
+    axes: tuple[str | None, ...],
+    *,
+    label: str,
+    fan_in: tuple[int, ...] = (),
+    fan_out: tuple[int, ...] = (),
+    batch: tuple[int, ...] = (),
+    std: float | None = 0.02,
+    dtype=jnp.float32,
+    init: str = "normal",
+) -> nnx.Param:
     """A parameter carrying its logical axis names (read by ``mlalm.sharding``) and its
     optimizer roles (read by ``mlalm.optim``; see :class:`Roles`).
 
@@ -94,8 +117,11 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
         init: 'normal', 'ones' or 'zeros'.
     """
     assert len(shape) == len(axes), (shape, axes)
-    roles = check_roles(Roles(label, tuple(fan_in), tuple(fan_out), tuple(batch)), len(shape),
-                        f"parameter of shape {tuple(shape)}")
+    roles = check_roles(
+        Roles(label, tuple(fan_in), tuple(fan_out), tuple(batch)),
+        len(shape),
+        f"parameter of shape {tuple(shape)}",
+    )
     if init == "ones":
         value = jnp.ones(shape, dtype)
     elif init == "zeros":
@@ -114,9 +140,10 @@ def _truncated_normal(key, shape):
     path gives the same values.
     """
     key_data = jax.random.key_data(key)
-    if isinstance(key_data, jax.core.Tracer):
-        return jax.pure_callback(lambda k: _np_truncated_normal(k, shape),
-                                 jax.ShapeDtypeStruct(shape, jnp.float32), key_data)
+    if isinstance(key_data, Tracer):
+        return jax.pure_callback(
+            lambda k: _np_truncated_normal(k, shape), jax.ShapeDtypeStruct(shape, jnp.float32), key_data
+        )
     return _np_truncated_normal(key_data, shape)
 
 
@@ -139,7 +166,7 @@ def linear(x, w, n_in: int = 1, *, preferred_element_type=None):
     a transposed layout before each weight-gradient matmul (measured: a dense SwiGLU's
     forward + backward at 2,048 tokens took 112 ms as 3-D einsums, 80 ms as 2-D matmuls).
     """
-    lead, k = x.shape[:x.ndim - n_in], math.prod(w.shape[:n_in])
+    lead, k = x.shape[: x.ndim - n_in], math.prod(w.shape[:n_in])
     y = jnp.dot(x.reshape(-1, k), w.reshape(k, -1), preferred_element_type=preferred_element_type)
     return y.reshape(*lead, *w.shape[n_in:])
 
@@ -151,8 +178,7 @@ class RMSNorm(nnx.Module):
     float32, cast back to the compute dtype, then multiply by the scale.
     """
 
-    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         self.scale = param(rngs, (dim,), ("norm",), label="norm", init="ones", dtype=param_dtype)
         self.eps = eps
         self.dtype = dtype
@@ -194,8 +220,17 @@ def _rope(x_BTNP, cos_BTp, sin_BTp):
 class SwiGLU(nnx.Module):
     """down(silu(x W_gate) * (x W_up)): the dense FFN and the shared experts."""
 
-    def __init__(self, d_model: int, ffn_dim: int, *, std: float, out_std: float,
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        d_model: int,
+        ffn_dim: int,
+        *,
+        std: float,
+        out_std: float,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         matrix = {"label": "hidden", "fan_in": (0,), "fan_out": (1,), "dtype": param_dtype}
         self.w_gate_DF = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=std, **matrix)
         self.w_up_DF = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=std, **matrix)

@@ -32,8 +32,7 @@ def _chunk_len(B: int, T: int, chunk_tokens: int) -> int:
 def _chunks(h_BTD, labels_BT, c: int):
     B, T, D = h_BTD.shape
     n = T // c
-    return (jnp.swapaxes(h_BTD.reshape(B, n, c, D), 0, 1),
-            jnp.swapaxes(labels_BT.reshape(B, n, c), 0, 1))
+    return (jnp.swapaxes(h_BTD.reshape(B, n, c, D), 0, 1), jnp.swapaxes(labels_BT.reshape(B, n, c), 0, 1))
 
 
 def _logits(x_BCD, w_DV):
@@ -47,6 +46,7 @@ def _nll_sum(h_BTD, w_DV, labels_BT, c: int):
         lse = jax.nn.logsumexp(logits, axis=-1)
         target = jnp.take_along_axis(logits, lab[..., None], axis=-1)[..., 0]
         return total + jnp.sum(lse - target), None
+
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), _chunks(h_BTD, labels_BT, c))
     return total
 

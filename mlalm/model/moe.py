@@ -46,6 +46,7 @@ class Routing:
     Frozen, hence hashable: a module keeps it as a static attribute, and the model's
     graphdef stays hashable (``mlalm.generate`` keys its compiled programs on it).
     """
+
     top_k: int
     scoring: str
     n_group: int
@@ -54,8 +55,18 @@ class Routing:
     routed_scaling_factor: float
 
 
-def route(x_ND, w_DE, bias_E, *, top_k: int, scoring: str, n_group: int, topk_group: int,
-          norm_topk_prob: bool, routed_scaling_factor: float):
+def route(
+    x_ND,
+    w_DE,
+    bias_E,
+    *,
+    top_k: int,
+    scoring: str,
+    n_group: int,
+    topk_group: int,
+    norm_topk_prob: bool,
+    routed_scaling_factor: float,
+):
     """Choose top-k experts per token.
 
     Returns:
@@ -105,8 +116,7 @@ def dispatch_dropless(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD):
     return jnp.zeros_like(x_ND).at[token].add(y)
 
 
-def dispatch_capacity(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD, *,
-                      capacity: int):
+def dispatch_capacity(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD, *, capacity: int):
     """Gather each expert's first ``capacity`` pairs into [E, C, D]; drop the rest."""
     N, k = idx_Nk.shape
     E, D = w_gate_EDF.shape[0], x_ND.shape[1]
@@ -115,8 +125,9 @@ def dispatch_capacity(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD, *,
     pos = jnp.take_along_axis(jnp.cumsum(onehot, axis=0), flat[:, None], axis=1)[:, 0] - 1
     keep = pos < capacity
     slot = jnp.where(keep, flat * capacity + pos, E * capacity)  # E*C: the discard slot
-    token_of_slot = jnp.full((E * capacity + 1,), N, jnp.int32).at[slot].set(
-        jnp.arange(N * k, dtype=jnp.int32) // k)[:-1]
+    token_of_slot = (
+        jnp.full((E * capacity + 1,), N, jnp.int32).at[slot].set(jnp.arange(N * k, dtype=jnp.int32) // k)[:-1]
+    )
     x_pad = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)], axis=0)
     x_ECD = x_pad[token_of_slot].reshape(E, capacity, D)
     g = jnp.einsum("ECD,EDF->ECF", x_ECD, w_gate_EDF)
@@ -149,30 +160,59 @@ def sequence_balance_loss(s_BTE, idx_BTk, n_experts: int):
 class MoE(nnx.Module):
     """Routed experts (stacked [E, ...] weights) + shared experts as one SwiGLU."""
 
-    def __init__(self, *, d_model: int, n_routed_experts: int, n_shared_experts: int,
-                 expert_ffn_dim: int, top_k: int, scoring: str, n_group: int, topk_group: int,
-                 norm_topk_prob: bool, routed_scaling_factor: float, dispatch: str,
-                 capacity_factor: float, std: float, out_std: float, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        *,
+        d_model: int,
+        n_routed_experts: int,
+        n_shared_experts: int,
+        expert_ffn_dim: int,
+        top_k: int,
+        scoring: str,
+        n_group: int,
+        topk_group: int,
+        norm_topk_prob: bool,
+        routed_scaling_factor: float,
+        dispatch: str,
+        capacity_factor: float,
+        std: float,
+        out_std: float,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
         D, E, F = d_model, n_routed_experts, expert_ffn_dim
         pd = param_dtype
-        self.w_router_DE = param(rngs, (D, E), ("embed", None), label="router", fan_in=(0,),
-                                 fan_out=(1,), std=std, dtype=jnp.float32)
+        self.w_router_DE = param(
+            rngs,
+            (D, E),
+            ("embed", None),
+            label="router",
+            fan_in=(0,),
+            fan_out=(1,),
+            std=std,
+            dtype=jnp.float32,
+        )
         self.bias_E = BalanceBias(jnp.zeros((E,), jnp.float32), axes=(None,))
         # roles (mlalm.optim): E stacked matrices, orthogonalised by Muon one expert at a time
         expert = {"label": "hidden", "batch": (0,), "fan_in": (1,), "fan_out": (2,), "dtype": pd}
-        self.w_gate_EDF = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=std,
-                                **expert)
-        self.w_up_EDF = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=std,
-                              **expert)
-        self.w_down_EFD = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), std=out_std,
-                                **expert)
-        self.shared = (SwiGLU(D, F * n_shared_experts, std=std, out_std=out_std, dtype=dtype,
-                              param_dtype=pd, rngs=rngs) if n_shared_experts else None)
+        self.w_gate_EDF = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=std, **expert)
+        self.w_up_EDF = param(rngs, (E, D, F), ("experts", "embed", "expert_mlp"), std=std, **expert)
+        self.w_down_EFD = param(rngs, (E, F, D), ("experts", "expert_mlp", "embed"), std=out_std, **expert)
+        self.shared = (
+            SwiGLU(D, F * n_shared_experts, std=std, out_std=out_std, dtype=dtype, param_dtype=pd, rngs=rngs)
+            if n_shared_experts
+            else None
+        )
         self.n_experts, self.top_k = E, top_k
-        self.routing = Routing(top_k=top_k, scoring=scoring, n_group=n_group, topk_group=topk_group,
-                               norm_topk_prob=norm_topk_prob,
-                               routed_scaling_factor=routed_scaling_factor)
+        self.routing = Routing(
+            top_k=top_k,
+            scoring=scoring,
+            n_group=n_group,
+            topk_group=topk_group,
+            norm_topk_prob=norm_topk_prob,
+            routed_scaling_factor=routed_scaling_factor,
+        )
         self.dispatch = dispatch
         self.capacity_factor = capacity_factor
         self.dtype = dtype
@@ -185,11 +225,15 @@ class MoE(nnx.Module):
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         with jax.named_scope("router"):
-            idx, w, s = route(x_ND, self.w_router_DE[...], self.bias_E[...],
-                              **dataclasses.asdict(self.routing))
+            idx, w, s = route(
+                x_ND, self.w_router_DE[...], self.bias_E[...], **dataclasses.asdict(self.routing)
+            )
         dt = self.dtype
-        weights = (self.w_gate_EDF[...].astype(dt), self.w_up_EDF[...].astype(dt),
-                   self.w_down_EFD[...].astype(dt))
+        weights = (
+            self.w_gate_EDF[...].astype(dt),
+            self.w_up_EDF[...].astype(dt),
+            self.w_down_EFD[...].astype(dt),
+        )
         dispatch = resolve_dispatch(dispatch or self.dispatch)
         with jax.named_scope("experts"):
             if dispatch == "dropless":
@@ -203,7 +247,6 @@ class MoE(nnx.Module):
                 y = y + self.shared(x_BTD)
         aux = {
             "load": jnp.bincount(idx.reshape(-1), length=self.n_experts).astype(jnp.float32),
-            "balance_loss": sequence_balance_loss(s.reshape(B, T, -1), idx.reshape(B, T, -1),
-                                                  self.n_experts),
+            "balance_loss": sequence_balance_loss(s.reshape(B, T, -1), idx.reshape(B, T, -1), self.n_experts),
         }
         return y, aux

@@ -26,16 +26,29 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dt, param_dtype=pd, rngs=rngs)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
-            self.ffn = MoE(d_model=m.d_model, n_routed_experts=e.n_routed_experts,
-                           n_shared_experts=e.n_shared_experts, expert_ffn_dim=e.expert_ffn_dim,
-                           top_k=e.top_k, scoring=e.scoring, n_group=e.n_group,
-                           topk_group=e.topk_group, norm_topk_prob=e.norm_topk_prob,
-                           routed_scaling_factor=e.routed_scaling_factor, dispatch=e.dispatch,
-                           capacity_factor=e.capacity_factor, std=m.init_std, out_std=out_std,
-                           dtype=dt, param_dtype=pd, rngs=rngs)
+            self.ffn = MoE(
+                d_model=m.d_model,
+                n_routed_experts=e.n_routed_experts,
+                n_shared_experts=e.n_shared_experts,
+                expert_ffn_dim=e.expert_ffn_dim,
+                top_k=e.top_k,
+                scoring=e.scoring,
+                n_group=e.n_group,
+                topk_group=e.topk_group,
+                norm_topk_prob=e.norm_topk_prob,
+                routed_scaling_factor=e.routed_scaling_factor,
+                dispatch=e.dispatch,
+                capacity_factor=e.capacity_factor,
+                std=m.init_std,
+                out_std=out_std,
+                dtype=dt,
+                param_dtype=pd,
+                rngs=rngs,
+            )
         else:
-            self.ffn = SwiGLU(m.d_model, m.ffn_dim, std=m.init_std, out_std=out_std, dtype=dt,
-                              param_dtype=pd, rngs=rngs)
+            self.ffn = SwiGLU(
+                m.d_model, m.ffn_dim, std=m.init_std, out_std=out_std, dtype=dt, param_dtype=pd, rngs=rngs
+            )
 
     def __call__(self, x_BTD, cos, sin):
         """Returns (x_BTD, max attention logit per head [N], MoE aux or None)."""
@@ -62,6 +75,7 @@ class Block(nnx.Module):
         h = self.ffn_norm(x_BTD)
         if not self.is_moe:
             return x_BTD + self.ffn(h), cache
+        assert isinstance(self.ffn, MoE)  # is_moe: built as MoE in __init__
         y, _ = self.ffn(h, dispatch="dropless")
         return x_BTD + y, cache
 
@@ -83,14 +97,29 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         dt, pd = DTYPES[m.dtype], DTYPES[m.param_dtype]
         # a row lookup = a one-hot [V] input times [V, D]
-        self.embed_VD = param(rngs, (m.vocab_size, m.d_model), ("vocab", "embed"),
-                              label="embedding", fan_in=(0,), fan_out=(1,), std=m.init_std,
-                              dtype=pd)
+        self.embed_VD = param(
+            rngs,
+            (m.vocab_size, m.d_model),
+            ("vocab", "embed"),
+            label="embedding",
+            fan_in=(0,),
+            fan_out=(1,),
+            std=m.init_std,
+            dtype=pd,
+        )
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(m.n_layers)])
         self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, dtype=dt, param_dtype=pd, rngs=rngs)
         if not m.tie_embeddings:
-            self.head_DV = param(rngs, (m.d_model, m.vocab_size), ("embed", "vocab"), label="head",
-                                 fan_in=(0,), fan_out=(1,), std=m.init_std, dtype=pd)
+            self.head_DV = param(
+                rngs,
+                (m.d_model, m.vocab_size),
+                ("embed", "vocab"),
+                label="head",
+                fan_in=(0,),
+                fan_out=(1,),
+                std=m.init_std,
+                dtype=pd,
+            )
         self.dtype = dt
         a = cfg.attention
         self.rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
@@ -118,8 +147,11 @@ class Transformer(nnx.Module):
                 balance = balance + aux["balance_loss"]
         E = max(self.cfg.moe.n_routed_experts, 1)
         load = jnp.stack(loads) if loads else jnp.zeros((0, E), jnp.float32)
-        return self.final_norm(x), {"expert_load": load, "balance_loss": balance,
-                                    "attn_max_logit": jnp.stack(max_logits)}
+        return self.final_norm(x), {
+            "expert_load": load,
+            "balance_loss": balance,
+            "attn_max_logit": jnp.stack(max_logits),
+        }
 
     def init_cache_layers(self, batch: int, max_len: int, dtype, *, absorbed: bool = True) -> list:
         """One zeroed cache dict per layer (layouts in ``mlalm.model.attention``)."""
@@ -170,14 +202,16 @@ class Transformer(nnx.Module):
             moe.bias_E.set_value(balance_bias_update(moe.bias_E[...], expert_load_LE[i], rate))
 
 
-def count_params(model: nnx.Module, *, active: bool = False) -> int:
+def count_params(model: Transformer, *, active: bool = False) -> int:
     """Number of trainable parameters; ``active``: count only top-k of the routed experts."""
     total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     if not active:
         return int(total)
     cfg = model.cfg
     for moe in model.moe_layers():
-        per_expert = sum(math.prod(w.get_value().shape) for w in
-                         (moe.w_gate_EDF, moe.w_up_EDF, moe.w_down_EFD)) // moe.n_experts
+        per_expert = (
+            sum(math.prod(w.get_value().shape) for w in (moe.w_gate_EDF, moe.w_up_EDF, moe.w_down_EFD))
+            // moe.n_experts
+        )
         total -= per_expert * (moe.n_experts - cfg.moe.top_k)
     return int(total)

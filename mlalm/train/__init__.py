@@ -6,16 +6,33 @@ a benchmark or a test).  ``train``/``TrainResult`` load the data pipeline (Grain
 use only, so the steps work on a machine that has JAX, flax and optax alone.
 """
 
+from typing import TYPE_CHECKING
+
 from mlalm.train.report import NonFiniteError
 from mlalm.train.state import TrainState, abstract_state, init_state, split_model
 from mlalm.train.step import lm_loss, make_eval_step, make_train_step
 
-__all__ = ["TrainResult", "TrainState", "NonFiniteError", "abstract_state", "init_state",
-           "lm_loss", "make_eval_step", "make_train_step", "resolve_vocab", "split_model", "train"]
+if TYPE_CHECKING:  # imported on first use by __getattr__ below (the loop needs Grain)
+    from mlalm.train.loop import TrainResult, resolve_vocab, train
+
+__all__ = [
+    "TrainResult",
+    "TrainState",
+    "NonFiniteError",
+    "abstract_state",
+    "init_state",
+    "lm_loss",
+    "make_eval_step",
+    "make_train_step",
+    "resolve_vocab",
+    "split_model",
+    "train",
+]
 
 
 def __getattr__(name):
     if name in ("train", "TrainResult", "resolve_vocab"):
         from mlalm.train import loop
+
         return getattr(loop, name)
     raise AttributeError(f"module 'mlalm.train' has no attribute {name!r}")

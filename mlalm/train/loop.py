@@ -22,12 +22,19 @@ from mlalm.data import Windows, load_corpus
 from mlalm.errors import ConfigError
 from mlalm.evaluate import score, scored_bytes
 from mlalm.flops import flops_per_token, peak_flops
+from mlalm.inference import check_fits
 from mlalm.optim import build_optimizer, effective_warmup
 from mlalm.sharding import Placement, global_batch, maybe_initialize_distributed
 from mlalm.train.metrics import MetricsLogger, perplexity
 from mlalm.train.report import SourceTokens, StepReporter
-from mlalm.train.run_dir import (RunLock, check_compatible, plan_run, set_aside_after, truncate_metrics,
-                                 write_json_atomic)
+from mlalm.train.run_dir import (
+    RunLock,
+    check_compatible,
+    plan_run,
+    set_aside_after,
+    truncate_metrics,
+    write_json_atomic,
+)
 from mlalm.train.signals import StopFlag
 from mlalm.train.state import TrainState, check_memory, init_state
 from mlalm.train.step import make_eval_step, make_train_step
@@ -52,8 +59,10 @@ def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
     if m.vocab_size is None:
         return dataclasses.replace(cfg, model=dataclasses.replace(m, vocab_size=vocab_size))
     if m.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({vocab_size}); remove it to use the tokenizer's size")
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+            f"vocabulary ({vocab_size}); remove it to use the tokenizer's size"
+        )
     return cfg
 
 
@@ -62,9 +71,12 @@ def enable_compile_cache(cache_dir: str | None) -> None:
     ~/.cache/mlalm), unless one is configured already (JAX_COMPILATION_CACHE_DIR): a second
     start of the same model skips XLA compilation (the tiny test model: 4.4 s -> 1.1 s).
     Programs are keyed by their HLO, the compile options and the JAX/XLA versions."""
-    if jax.config.jax_compilation_cache_dir:
+    # jax.config's flags are attributes set at run time, which its stubs do not declare
+    if jax.config.jax_compilation_cache_dir:  # pyright: ignore[reportAttributeAccessIssue] - dynamic
         return
-    root = cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlalm")
+    root = cache_dir or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "mlalm"
+    )
     jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
@@ -88,12 +100,20 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> TrainResu
     corpus = load_corpus(cfg.data, log=log, progress=t.progress and is_main and sys.stderr.isatty())
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
     if effective_warmup(cfg.optim, t.steps) != cfg.optim.warmup_steps:
-        log(f"note: optim.warmup_steps={cfg.optim.warmup_steps} is not below train.steps={t.steps}; "
-            f"warming up over {effective_warmup(cfg.optim, t.steps)} steps instead, so the schedule decays")
-    train_ds = corpus.train_dataset(seq_len=t.seq_len, batch_size=t.batch_size, seed=t.seed,
-                                    shard_index=jax.process_index(), shard_count=jax.process_count(),
-                                    prefetch=cfg.data.prefetch, num_threads=max(1, cfg.data.num_workers),
-                                    with_source=corpus.sources is not None)
+        log(
+            f"note: optim.warmup_steps={cfg.optim.warmup_steps} is not below train.steps={t.steps}; "
+            f"warming up over {effective_warmup(cfg.optim, t.steps)} steps instead, so the schedule decays"
+        )
+    train_ds = corpus.train_dataset(
+        seq_len=t.seq_len,
+        batch_size=t.batch_size,
+        seed=t.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+        prefetch=cfg.data.prefetch,
+        num_threads=max(1, cfg.data.num_workers),
+        with_source=corpus.sources is not None,
+    )
     for split, tokens in (("validation", corpus.val), ("test", corpus.test)):
         if tokens is not None:  # too short: DataError, before any write
             Windows(tokens, t.seq_len, name=f"{split} split")
@@ -113,21 +133,31 @@ def _run(cfg, plan, corpus, train_ds, graphdef, state, placement, tx, schedule, 
     t, ck, run_dir = cfg.train, cfg.checkpoint, plan.run_dir
     is_main = jax.process_index() == 0
     it = iter(train_ds)
-    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"), keep=ck.keep,
-                                keep_best=ck.keep_best, async_save=ck.async_save, log=log)
+    checkpointer = Checkpointer(
+        os.path.join(run_dir, "checkpoints"),
+        keep=ck.keep,
+        keep_best=ck.keep_best,
+        async_save=ck.async_save,
+        log=log,
+    )
     start_step, elapsed0, meta = 0, 0.0, {}
     if plan.checkpoints is not None:
         same = os.path.abspath(plan.checkpoints) == checkpointer.directory
         source = checkpointer if same else Checkpointer(plan.checkpoints, async_save=False, log=log)
-        restored = source.restore(
-            abstract_arrays(state, placement.state_sh), it, step=plan.step,
-            check=lambda meta: check_compatible(cfg, meta["config"], f"checkpoint {plan.checkpoints}"))
+
+        def check(meta, step_dir):  # a different model is an error, not damage
+            check_compatible(cfg, meta["config"], f"checkpoint {step_dir}")
+            check_fits(os.path.join(step_dir, "state"), {"params": state.params, "rest": state.rest})
+
+        restored = source.restore(abstract_arrays(state, placement.state_sh), it, step=plan.step, check=check)
         if restored is not None:
             state, meta = restored
             start_step, elapsed0 = int(meta["step"]), float(meta.get("elapsed_s", 0.0))
             if start_step > t.steps:
-                raise ConfigError(f"the checkpoint is at step {start_step}, past train.steps={t.steps}; "
-                                  f"raise train.steps to train further")
+                raise ConfigError(
+                    f"the checkpoint is at step {start_step}, past train.steps={t.steps}; "
+                    f"raise train.steps to train further"
+                )
             log(f"resuming from {source.directory}/{start_step} (step {start_step}/{t.steps})")
     if is_main:
         if start_step:
@@ -137,37 +167,67 @@ def _run(cfg, plan, corpus, train_ds, graphdef, state, placement, tx, schedule, 
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(to_yaml(cfg))
         corpus.tokenizer.save(run_dir)
-    mix = (SourceTokens([s.path for s in corpus.sources], t.seq_len, meta.get("source_tokens"))
-           if corpus.sources else None)
+    mix = (
+        SourceTokens([s.path for s in corpus.sources], t.seq_len, meta.get("source_tokens"))
+        if corpus.sources
+        else None
+    )
     step_fn = make_train_step(graphdef, tx, schedule, cfg, placement)
     eval_step = make_eval_step(cfg, placement)
-    logger = MetricsLogger(run_dir if is_main else None, total_steps=t.steps, start_step=start_step,
-                           progress=t.progress and is_main, log=log)
-    reporter = StepReporter(cfg, logger, start_step=start_step,
-                            flops_per_token=flops_per_token(cfg, t.seq_len), peak=peak_flops(),
-                            extra=mix.record if mix else None)
+    logger = MetricsLogger(
+        run_dir if is_main else None,
+        total_steps=t.steps,
+        start_step=start_step,
+        progress=t.progress and is_main,
+        log=log,
+    )
+    reporter = StepReporter(
+        cfg,
+        logger,
+        start_step=start_step,
+        flops_per_token=flops_per_token(cfg, t.seq_len),
+        peak=peak_flops(),
+        extra=mix.record if mix else None,
+    )
     n_params = sum(x.size for x in jax.tree.leaves(state.params))
     m = cfg.moe
-    log(f"run dir {run_dir} | {n_params / 1e6:.2f}M parameters | {cfg.attention.kind} attention | "
+    log(
+        f"run dir {run_dir} | {n_params / 1e6:.2f}M parameters | {cfg.attention.kind} attention | "
         f"{f'MoE {m.n_routed_experts} experts' if m.n_routed_experts else 'dense'} | {t.steps} steps x "
         f"{t.batch_size * t.seq_len} tokens | {jax.devices()[0].platform} x{jax.device_count()} "
-        f"(mesh {dict(placement.mesh.shape)}{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''})")
+        f"(mesh {dict(placement.mesh.shape)}"
+        f"{f', {jax.process_count()} processes' if jax.process_count() > 1 else ''})"
+    )
     meta = {"seed": t.seed, "config": cfg.to_dict()}
 
     def evaluate(tokens, n_bytes, max_batches, stop=None):
-        nll, n = score(eval_step, state.params, state.rest, tokens, eos_id=corpus.tokenizer.eos_id,
-                       seq_len=t.seq_len, batch_size=t.batch_size, max_batches=max_batches,
-                       placement=placement, stop=stop)
-        return {"loss": nll / n, "tokens": n, "whole_split": n == len(tokens),
-                "bits_per_byte": nll / math.log(2) / scored_bytes(tokens, n, corpus.tokenizer, n_bytes)}
+        nll, n = score(
+            eval_step,
+            state.params,
+            state.rest,
+            tokens,
+            eos_id=corpus.tokenizer.eos_id,
+            seq_len=t.seq_len,
+            batch_size=t.batch_size,
+            max_batches=max_batches,
+            placement=placement,
+            stop=stop,
+        )
+        return {
+            "loss": nll / n,
+            "tokens": n,
+            "whole_split": n == len(tokens),
+            "bits_per_byte": nll / math.log(2) / scored_bytes(tokens, n, corpus.tokenizer, n_bytes),
+        }
 
     def save(step, val_loss=None):
         nonlocal last_saved
         last_saved = step
         t0 = time.perf_counter()
         extra = {"source_tokens": mix.totals()} if mix else {}
-        checkpointer.save(step, state, it, {**meta, **extra, "elapsed_s": time.perf_counter() - start},
-                          val_loss=val_loss)
+        checkpointer.save(
+            step, state, it, {**meta, **extra, "elapsed_s": time.perf_counter() - start}, val_loss=val_loss
+        )
         reporter.paused(time.perf_counter() - t0)
 
     def report_saves(done):
@@ -205,22 +265,33 @@ def _run(cfg, plan, corpus, train_ds, graphdef, state, placement, tx, schedule, 
                 logger.console("final evaluation ...")
                 agreed = lambda: stop.agreed(jax.process_count())  # noqa: E731
                 final = evaluate(corpus.val, corpus.val_bytes, t.final_eval_batches, stop=agreed)
-                test = evaluate(corpus.test, corpus.test_bytes, 0, stop=agreed) if corpus.test is not None else None
+                test = (
+                    evaluate(corpus.test, corpus.test_bytes, 0, stop=agreed)
+                    if corpus.test is not None
+                    else None
+                )
                 if stop.requested:  # cut short: the next run of the same command evaluates again
                     stopped = stop.requested
             if stopped:
                 if last_saved != step:
                     save(step)
                 checkpointer.close()
-                logger.console(f"stopped by {stopped} after step {step}; checkpoint {step} is saved in "
-                               f"{checkpointer.directory}; run the same command again to continue")
+                logger.console(
+                    f"stopped by {stopped} after step {step}; checkpoint {step} is saved in "
+                    f"{checkpointer.directory}; run the same command again to continue"
+                )
                 return TrainResult(run_dir, cfg, graphdef, state, step, stopped=stopped)
             checkpointer.close()
             summary = _summary(cfg, run_dir, final, test, start, elapsed0, start_step, n_params)
-            logger.write(t.steps, {"final": True, "val_loss": final["loss"],
-                                   **({"test_loss": test["loss"]} if test else {})},
-                         {"val/loss": final["loss"], "val/perplexity": perplexity(final["loss"]),
-                          **({"test/loss": test["loss"]} if test else {})})
+            logger.write(
+                t.steps,
+                {"final": True, "val_loss": final["loss"], **({"test_loss": test["loss"]} if test else {})},
+                {
+                    "val/loss": final["loss"],
+                    "val/perplexity": perplexity(final["loss"]),
+                    **({"test/loss": test["loss"]} if test else {}),
+                },
+            )
             if is_main:
                 write_json_atomic(os.path.join(run_dir, "summary.json"), summary)
     except BaseException:
@@ -235,14 +306,25 @@ def _run(cfg, plan, corpus, train_ds, graphdef, state, placement, tx, schedule, 
 def _summary(cfg, run_dir, final, test, start, elapsed0, start_step, n_params) -> dict:
     t = cfg.train
     train_time = time.perf_counter() - start - elapsed0
-    s = {"run_dir": run_dir, "steps": t.steps, "params": int(n_params),
-         "val_loss": final["loss"], "val_perplexity": perplexity(final["loss"]),
-         "val_bits_per_byte": final["bits_per_byte"], "val_tokens": final["tokens"],
-         "val_whole_split": final["whole_split"], "train_seconds": train_time,
-         "tokens_per_s": (t.steps - start_step) * t.batch_size * t.seq_len / max(train_time, 1e-9)}
+    s = {
+        "run_dir": run_dir,
+        "steps": t.steps,
+        "params": int(n_params),
+        "val_loss": final["loss"],
+        "val_perplexity": perplexity(final["loss"]),
+        "val_bits_per_byte": final["bits_per_byte"],
+        "val_tokens": final["tokens"],
+        "val_whole_split": final["whole_split"],
+        "train_seconds": train_time,
+        "tokens_per_s": (t.steps - start_step) * t.batch_size * t.seq_len / max(train_time, 1e-9),
+    }
     if test is not None:
-        s.update(test_loss=test["loss"], test_perplexity=perplexity(test["loss"]),
-                 test_bits_per_byte=test["bits_per_byte"], test_tokens=test["tokens"])
+        s.update(
+            test_loss=test["loss"],
+            test_perplexity=perplexity(test["loss"]),
+            test_bits_per_byte=test["bits_per_byte"],
+            test_tokens=test["tokens"],
+        )
     return s
 
 
@@ -250,10 +332,14 @@ def _log_done(log, s: dict, run_dir: str) -> None:
     if "test_loss" in s:
         log(f"test loss {s['test_loss']:.4f} (perplexity {s['test_perplexity']:.2f}, whole split)")
     cover = "whole split" if s["val_whole_split"] else f"first {s['val_tokens']:,} tokens"
-    log(f"done: validation loss {s['val_loss']:.4f} (perplexity {s['val_perplexity']:.2f}, "
+    log(
+        f"done: validation loss {s['val_loss']:.4f} (perplexity {s['val_perplexity']:.2f}, "
         f"{s['val_bits_per_byte']:.3f} bits/byte, {cover}) | {s['train_seconds']:.0f}s training, "
-        f"{s['tokens_per_s']:,.0f} tok/s")
-    log(f"outputs in {run_dir}; next:\n"
+        f"{s['tokens_per_s']:,.0f} tok/s"
+    )
+    log(
+        f"outputs in {run_dir}; next:\n"
         f"  python eval.py {run_dir}\n"
-        f"  python scripts/generate.py {run_dir} --prompt \"...\"\n"
-        f"  python scripts/export.py {run_dir} {run_dir}-hf --format hf")
+        f'  python scripts/generate.py {run_dir} --prompt "..."\n'
+        f"  python scripts/export.py {run_dir} {run_dir}-hf --format hf"
+    )

@@ -35,8 +35,9 @@ class MetricsLogger:
         log: the console printer for lines (``print`` by default).
     """
 
-    def __init__(self, run_dir: str | None, *, total_steps: int, start_step: int = 0,
-                 progress: bool = True, log=print):
+    def __init__(
+        self, run_dir: str | None, *, total_steps: int, start_step: int = 0, progress: bool = True, log=print
+    ):
         self.run_dir, self.total, self.start_step = run_dir, total_steps, start_step
         self._log = log
         self._use_bar = progress and sys.stderr.isatty()
@@ -58,8 +59,10 @@ class MetricsLogger:
             return
         if self.bar is None:
             from tqdm import tqdm
-            self.bar = tqdm(total=self.total, initial=step - 1, unit="step", dynamic_ncols=True,
-                            file=sys.stderr)
+
+            self.bar = tqdm(
+                total=self.total, initial=step - 1, unit="step", dynamic_ncols=True, file=sys.stderr
+            )
         if postfix is not None:
             self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.update(step - self.bar.n)
@@ -87,8 +90,11 @@ class MetricsLogger:
 
     def close(self) -> None:
         """Close everything; a failure here (e.g. a full disk) never hides the run's own error."""
-        for close in (getattr(self.bar, "close", None), getattr(self.jsonl, "close", None),
-                      getattr(self.tb, "close", None)):
+        for close in (
+            getattr(self.bar, "close", None),
+            getattr(self.jsonl, "close", None),
+            getattr(self.tb, "close", None),
+        ):
             if close is None:
                 continue
             try:

@@ -30,8 +30,16 @@ class StepReporter:
             tokens per source).
     """
 
-    def __init__(self, cfg: Config, logger: MetricsLogger, *, start_step: int,
-                 flops_per_token: float, peak: float, extra=None):
+    def __init__(
+        self,
+        cfg: Config,
+        logger: MetricsLogger,
+        *,
+        start_step: int,
+        flops_per_token: float,
+        peak: float,
+        extra=None,
+    ):
         self.cfg, self.logger, self.extra = cfg, logger, extra
         self.start_step = start_step
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -54,17 +62,23 @@ class StepReporter:
         if not bool(m["finite"]):
             what = f"non-finite loss {float(m['loss'])} or gradient norm {float(m['grad_norm'])}"
         else:
-            what = (f"the update would have made the parameters or optimizer state non-finite "
-                    f"(loss {float(m['loss']):.4f} and gradient norm {float(m['grad_norm']):.3g} "
-                    f"were finite; e.g. optim.eps too small or optim.lr too large)")
+            what = (
+                f"the update would have made the parameters or optimizer state non-finite "
+                f"(loss {float(m['loss']):.4f} and gradient norm {float(m['grad_norm']):.3g} "
+                f"were finite; e.g. optim.eps too small or optim.lr too large)"
+            )
         if t.on_nonfinite == "stop":
-            raise NonFiniteError(f"{what} at step {step}; the update was not applied and nothing "
-                                 f"non-finite was saved (train.on_nonfinite=skip skips such steps)")
+            raise NonFiniteError(
+                f"{what} at step {step}; the update was not applied and nothing "
+                f"non-finite was saved (train.on_nonfinite=skip skips such steps)"
+            )
         self.skipped += 1
         if self.skipped >= t.max_consecutive_skips:
-            raise NonFiniteError(f"{what} at step {step}: {self.skipped} consecutive steps skipped "
-                                 f"(train.max_consecutive_skips={t.max_consecutive_skips}); stopping. "
-                                 f"The newest checkpoint holds the last finite state")
+            raise NonFiniteError(
+                f"{what} at step {step}: {self.skipped} consecutive steps skipped "
+                f"(train.max_consecutive_skips={t.max_consecutive_skips}); stopping. "
+                f"The newest checkpoint holds the last finite state"
+            )
         self.logger.console(f"warning: {what} at step {step}; update skipped")
 
     def step(self, step: int, metrics, val: dict | None = None) -> None:
@@ -83,13 +97,23 @@ class StepReporter:
             return
         m = jax.tree.map(to_host, metrics)
         elapsed = now - self.window_t - self.pause
-        tps = self.window_steps * self.tokens_per_step / elapsed if self.window_steps and elapsed > 0 else None
+        tps = (
+            self.window_steps * self.tokens_per_step / elapsed if self.window_steps and elapsed > 0 else None
+        )
         if self.window_steps:
             self.window_t, self.window_steps, self.pause = now, 0, 0.0
-        record = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
-                  "tokens_per_s": tps, "elapsed_s": now - self.t0}
-        scalars = {"train/loss": record["loss"], "train/lr": record["lr"],
-                   "train/grad_norm": record["grad_norm"]}
+        record = {
+            "loss": float(m["loss"]),
+            "lr": float(m["lr"]),
+            "grad_norm": float(m["grad_norm"]),
+            "tokens_per_s": tps,
+            "elapsed_s": now - self.t0,
+        }
+        scalars = {
+            "train/loss": record["loss"],
+            "train/lr": record["lr"],
+            "train/grad_norm": record["grad_norm"],
+        }
         if tps:
             scalars.update({"train/tokens_per_s": tps, "train/mfu": self.fpt * tps / self.peak})
         moe = self.cfg.moe.n_routed_experts > 0
@@ -101,15 +125,17 @@ class StepReporter:
         for i, x in enumerate(record["attn_max_logit"]):
             scalars[f"attn/max_logit/layer{i}"] = x
         if val is not None:
-            record.update({"val_loss": val["loss"], "val_tokens": val["tokens"],
-                           "val_whole_split": val["whole_split"]})
+            record.update(
+                {"val_loss": val["loss"], "val_tokens": val["tokens"], "val_whole_split": val["whole_split"]}
+            )
             scalars["val/loss"], scalars["val/perplexity"] = val["loss"], perplexity(val["loss"])
         self.logger.write(step, record, scalars, loads=m["expert_load"] if moe else None)
         rate = f"{tps:,.0f} tok/s" if tps else f"compiled in {self.first_step_s:.1f}s"
         text = f"loss {record['loss']:.4f} | {rate}"
         if val is not None:
-            text += f" | val {val['loss']:.4f}" + ("" if val["whole_split"] else
-                                                   f" ({val['tokens']:,}-token prefix)")
+            text += f" | val {val['loss']:.4f}" + (
+                "" if val["whole_split"] else f" ({val['tokens']:,}-token prefix)"
+            )
             self.logger.console(f"step {step}/{t.steps} | {text}")  # evaluations stay on screen
         elif not self.logger.has_bar:
             self.logger.console(f"step {step}/{t.steps} | {text} | lr {record['lr']:.2e}")
@@ -127,6 +153,7 @@ class SourceTokens:
 
     def __init__(self, names, seq_len: int, restored=None):
         import numpy as np
+
         self.names, self.seq_len = list(names), seq_len
         self.local = np.zeros(len(self.names), np.int64)
         if restored is not None and jax.process_index() == 0:
@@ -135,6 +162,7 @@ class SourceTokens:
     def count(self, batch):
         """``(rows, source ids)`` -> rows, counting each row's source."""
         import numpy as np
+
         rows, ids = batch
         self.local += np.bincount(np.asarray(ids), minlength=len(self.names)) * self.seq_len
         return rows
@@ -142,9 +170,11 @@ class SourceTokens:
     def totals(self) -> list[int]:
         """Global totals (summed over processes: a collective, called by all at once)."""
         import numpy as np
+
         if jax.process_count() == 1:
             return self.local.tolist()
         from jax.experimental import multihost_utils
+
         return np.asarray(multihost_utils.process_allgather(self.local)).sum(0).tolist()
 
     def record(self) -> dict:

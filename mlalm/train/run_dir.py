@@ -59,8 +59,11 @@ def checkpoint_steps(checkpoints_dir: str) -> list[int]:
     """Steps of the finalized checkpoints in a ``checkpoints/`` directory (sorted)."""
     if not os.path.isdir(checkpoints_dir):
         return []
-    return sorted(int(d) for d in os.listdir(checkpoints_dir)
-                  if d.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, d)))
+    return sorted(
+        int(d)
+        for d in os.listdir(checkpoints_dir)
+        if d.isdigit() and os.path.isdir(os.path.join(checkpoints_dir, d))
+    )
 
 
 def is_finished(run_dir: str) -> bool:
@@ -114,8 +117,7 @@ def plan_run(cfg: Config, default_name: str) -> RunPlan:
     configured = os.path.join(t.run_dir, name)
     if t.resume == "never":
         path = _next_free(t.run_dir, name)
-        note = None if path == configured else \
-            f"{configured} exists and train.resume=never: starting {path}"
+        note = None if path == configured else f"{configured} exists and train.resume=never: starting {path}"
         return RunPlan(path, note=note)
     if t.resume == "auto":
         series = _series(t.run_dir, name)
@@ -124,14 +126,22 @@ def plan_run(cfg: Config, default_name: str) -> RunPlan:
         latest = series[-1][1]
         if is_finished(latest):
             path = _next_free(t.run_dir, name)
-            return RunPlan(path, note=(
-                f"{latest} finished (it has {SUMMARY}): starting {path}. To train {latest} "
-                f"further, run with train.resume={latest} and a larger train.steps"))
+            return RunPlan(
+                path,
+                note=(
+                    f"{latest} finished (it has {SUMMARY}): starting {path}. To train {latest} "
+                    f"further, run with train.resume={latest} and a larger train.steps"
+                ),
+            )
         ckpts = os.path.join(latest, "checkpoints")
         if checkpoint_steps(ckpts):
             return RunPlan(latest, ckpts)
-        note = None if not os.path.exists(os.path.join(latest, METRICS)) else \
-            f"{latest} has no checkpoint (its run stopped before the first save): starting it again from step 0"
+        note = (
+            None
+            if not os.path.exists(os.path.join(latest, METRICS))
+            else f"{latest} has no checkpoint (its run stopped before the first save): "
+            f"starting it again from step 0"
+        )
         return RunPlan(latest, note=note)
     return _plan_from_path(cfg, t.resume, configured, name)
 
@@ -141,28 +151,42 @@ def _plan_from_path(cfg: Config, r: str, configured: str, name: str) -> RunPlan:
     if not os.path.exists(r):
         raise CheckpointError(f"{key}: no such checkpoint or run directory")
     if not os.path.isdir(r):
-        raise CheckpointError(f"{key} is a file; expected a run directory, its checkpoints/ "
-                              f"directory or one checkpoint step directory")
+        raise CheckpointError(
+            f"{key} is a file; expected a run directory, its checkpoints/ "
+            f"directory or one checkpoint step directory"
+        )
     if os.path.isfile(os.path.join(r, EXPORT_MARKER)) or os.path.isfile(os.path.join(r, "config.json")):
-        raise CheckpointError(f"{key} is an exported model (weights only: no optimizer state or data "
-                              f"position), which cannot be resumed; resume a run directory or a "
-                              f"checkpoint step directory instead")
+        raise CheckpointError(
+            f"{key} is an exported model (weights only: no optimizer state or data "
+            f"position), which cannot be resumed; resume a run directory or a "
+            f"checkpoint step directory instead"
+        )
     one = _step_dir_of(r)
     if one is not None:
         ckpts, step = one
     else:
-        ckpts = r if os.path.basename(os.path.normpath(r)) == "checkpoints" else os.path.join(r, "checkpoints")
+        ckpts = (
+            r if os.path.basename(os.path.normpath(r)) == "checkpoints" else os.path.join(r, "checkpoints")
+        )
         step = None
         if not checkpoint_steps(ckpts):
-            raise CheckpointError(f"{key} holds no checkpoint (expected a run directory with "
-                                  f"checkpoints/, its checkpoints/ directory or one step directory)")
+            raise CheckpointError(
+                f"{key} holds no checkpoint (expected a run directory with "
+                f"checkpoints/, its checkpoints/ directory or one step directory)"
+            )
     source_run = os.path.dirname(os.path.abspath(ckpts))
     if source_run == os.path.abspath(configured):
         return RunPlan(configured, ckpts, step)
     path = _next_free(cfg.train.run_dir, name)
-    return RunPlan(path, ckpts, step, note=(
-        f"resuming {source_run} into {path} (the directory train.run_dir/train.name names); "
-        f"set train.name={os.path.basename(source_run)} to continue in {source_run} itself"))
+    return RunPlan(
+        path,
+        ckpts,
+        step,
+        note=(
+            f"resuming {source_run} into {path} (the directory train.run_dir/train.name names); "
+            f"set train.name={os.path.basename(source_run)} to continue in {source_run} itself"
+        ),
+    )
 
 
 def set_aside_after(run_dir: str, step: int, log=print) -> None:
@@ -179,8 +203,9 @@ def set_aside_after(run_dir: str, step: int, log=print) -> None:
         shutil.move(os.path.join(ckpts, str(s)), os.path.join(aside, str(s)))
     if os.path.exists(summary):
         shutil.move(summary, os.path.join(aside, SUMMARY))
-    what = ([f"checkpoints {newer}"] if newer else []) + ([SUMMARY] if os.path.exists(
-        os.path.join(aside, SUMMARY)) else [])
+    what = ([f"checkpoints {newer}"] if newer else []) + (
+        [SUMMARY] if os.path.exists(os.path.join(aside, SUMMARY)) else []
+    )
     log(f"continuing from step {step}: moved {' and '.join(what)} to {aside}")
 
 
@@ -232,6 +257,7 @@ class RunLock:
 
     def __enter__(self):
         import fcntl
+
         os.makedirs(self.run_dir, exist_ok=True)
         path = os.path.join(self.run_dir, LOCK)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -240,8 +266,10 @@ class RunLock:
         except OSError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise ConfigError(f"{self.run_dir} is in use by another training process (pid {holder}); "
-                              f"wait for it to end, or give this run another train.name") from None
+            raise ConfigError(
+                f"{self.run_dir} is in use by another training process (pid {holder}); "
+                f"wait for it to end, or give this run another train.name"
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
@@ -261,8 +289,14 @@ def check_compatible(cfg: Config, saved: dict, where: str) -> None:
         CheckpointError: naming the first key that differs.
     """
     now = cfg.to_dict()
-    free = {("attention", "impl"), ("moe", "dispatch"), ("moe", "capacity_factor"), ("model", "dtype"),
-            ("moe", "bias_update_rate"), ("moe", "seq_aux_loss_coef")}  # same parameters either way
+    free = {
+        ("attention", "impl"),
+        ("moe", "dispatch"),
+        ("moe", "capacity_factor"),
+        ("model", "dtype"),
+        ("moe", "bias_update_rate"),
+        ("moe", "seq_aux_loss_coef"),
+    }  # same parameters either way
     keys = [(sec, k) for sec in ("model", "attention", "moe") for k in now[sec] if (sec, k) not in free]
     keys.append(("optim", "name"))
     for section, key in keys:
@@ -274,4 +308,5 @@ def check_compatible(cfg: Config, saved: dict, where: str) -> None:
         if old != value:
             raise CheckpointError(
                 f"{where} was trained with {section}.{key}={old}, this config has {value}; "
-                f"use the same model config, or train.resume=never to start a new run")
+                f"use the same model config, or train.resume=never to start a new run"
+            )

@@ -36,8 +36,10 @@ class StopFlag:
             sys.stderr.flush()
             os._exit(130)
         self.requested = signal.Signals(signum).name
-        self.log(f"{self.requested}: finishing this step, saving a checkpoint, then stopping "
-                 f"(Ctrl-C again aborts at once)")
+        self.log(
+            f"{self.requested}: finishing this step, saving a checkpoint, then stopping "
+            f"(Ctrl-C again aborts at once)"
+        )
 
     def __exit__(self, *exc):
         for sig, handler in self.old.items():
@@ -48,5 +50,6 @@ class StopFlag:
         if n_processes == 1:
             return self.requested is not None
         from jax.experimental import multihost_utils
+
         flags = multihost_utils.process_allgather(np.int32(self.requested is not None))
         return bool(np.any(flags))

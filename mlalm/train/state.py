@@ -7,6 +7,8 @@ structure the trainer saves.
 
 from __future__ import annotations
 
+from typing import cast
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,6 +35,7 @@ def split_model(model: nnx.Module):
 def param_bytes(cfg: Config) -> int:
     """Bytes the model's parameters take, from shapes alone (nothing allocated)."""
     from mlalm.model import Transformer
+
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     return sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nnx.state(abstract)))
 
@@ -40,17 +43,25 @@ def param_bytes(cfg: Config) -> int:
 def init_state(cfg: Config, tx, *, seed: int) -> tuple[nnx.GraphDef, TrainState]:
     """A fresh model (initialised from ``seed``) and its optimizer state at step 0."""
     from mlalm.model import Transformer
+
     graphdef, params, rest = split_model(Transformer(cfg, rngs=nnx.Rngs(seed)))
-    return graphdef, TrainState(params=params, opt_state=tx.init(params), rest=rest,
-                                step=jnp.zeros((), jnp.int32))
+    return graphdef, TrainState(
+        params=params, opt_state=tx.init(params), rest=rest, step=jnp.zeros((), jnp.int32)
+    )
 
 
 def abstract_state(cfg: Config, tx) -> tuple[nnx.GraphDef, TrainState]:
     """``init_state``'s structure as ``jax.ShapeDtypeStruct``s, without allocating."""
     from mlalm.model import Transformer
+
     graphdef, params, rest = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
-    return graphdef, TrainState(params=params, opt_state=jax.eval_shape(tx.init, params), rest=rest,
-                                step=jax.ShapeDtypeStruct((), jnp.int32))
+    return graphdef, TrainState(
+        params=params,
+        opt_state=jax.eval_shape(tx.init, params),
+        rest=rest,
+        # abstract like every leaf here: a ShapeDtypeStruct where init_state has an array
+        step=cast(jax.Array, jax.ShapeDtypeStruct((), jnp.int32)),
+    )
 
 
 def available_memory() -> int | None:
@@ -81,6 +92,7 @@ def check_memory(cfg: Config, *, copies: float = 4.0) -> None:
         ConfigError: naming the parameter count, the bytes needed and those available.
     """
     from mlalm.errors import ConfigError
+
     need = param_bytes(cfg) * copies / max(1, jax.device_count())
     have = available_memory()
     if have is not None and need > have:
@@ -89,4 +101,5 @@ def check_memory(cfg: Config, *, copies: float = 4.0) -> None:
             f"the model needs about {need / 2**30:.1f} GiB per device for parameters and optimizer "
             f"state ({param_bytes(cfg) / 2**30:.2f} GiB of parameters; the embedding alone is "
             f"model.vocab_size={m.vocab_size} x model.d_model={m.d_model}), but only "
-            f"{have / 2**30:.1f} GiB is available; use a smaller model")
+            f"{have / 2**30:.1f} GiB is available; use a smaller model"
+        )

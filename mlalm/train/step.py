@@ -60,9 +60,14 @@ def _loss_and_grads(grad_fn, params, rest, batch, cfg: Config):
         return summed + (jnp.maximum(carry[5], a["attn_max_logit"]),), None
 
     zero = jnp.zeros((), jnp.float32)
-    init = (zero, zero, jnp.zeros(_load_shape(cfg), jnp.float32), zero,
-            jax.tree.map(jnp.zeros_like, params),
-            jnp.full((cfg.model.n_layers, cfg.attention.n_heads), -jnp.inf, jnp.float32))
+    init = (
+        zero,
+        zero,
+        jnp.zeros(_load_shape(cfg), jnp.float32),
+        zero,
+        jax.tree.map(jnp.zeros_like, params),
+        jnp.full((cfg.model.n_layers, cfg.attention.n_heads), -jnp.inf, jnp.float32),
+    )
     (loss, nll, load, balance, grads, max_logit), _ = jax.lax.scan(body, init, micro)
     grads = jax.tree.map(lambda g: g / accum, grads)
     return loss / accum, nll / accum, load, balance / accum, max_logit, grads
@@ -76,7 +81,8 @@ def make_train_step(graphdef, tx, schedule, cfg: Config, placement=None):
     """
     coef, rate = cfg.moe.seq_aux_loss_coef, cfg.moe.bias_update_rate
     grad_fn = jax.value_and_grad(
-        lambda p, r, b: lm_loss(graphdef, p, r, b, coef, cfg.train.loss_chunk), has_aux=True)
+        lambda p, r, b: lm_loss(graphdef, p, r, b, coef, cfg.train.loss_chunk), has_aux=True
+    )
 
     def step(state: TrainState, batch):
         params, rest = state.params, state.rest
@@ -103,19 +109,30 @@ def make_train_step(graphdef, tx, schedule, cfg: Config, placement=None):
         # whole state: the skip branch passes the donated buffers through untouched.
         with jax.named_scope("optimizer"):
             (new_params, opt_state, new_rest), applied = jax.lax.cond(
-                finite, update, lambda old: (old, jnp.zeros((), bool)),
-                (params, state.opt_state, rest))
-        new_state = TrainState(params=new_params, opt_state=opt_state, rest=new_rest,
-                               step=state.step + 1)
-        metrics = {"loss": loss, "nll": nll, "grad_norm": grad_norm, "lr": schedule(state.step),
-                   "balance_loss": balance, "expert_load": load, "finite": finite,
-                   "applied": applied, "attn_max_logit": jnp.max(max_logit, axis=1)}
+                finite, update, lambda old: (old, jnp.zeros((), bool)), (params, state.opt_state, rest)
+            )
+        new_state = TrainState(params=new_params, opt_state=opt_state, rest=new_rest, step=state.step + 1)
+        metrics = {
+            "loss": loss,
+            "nll": nll,
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+            "balance_loss": balance,
+            "expert_load": load,
+            "finite": finite,
+            "applied": applied,
+            "attn_max_logit": jnp.max(max_logit, axis=1),
+        }
         return new_state, metrics
 
     if placement is None:
         return jax.jit(step, donate_argnums=(0,))
-    return jax.jit(step, in_shardings=(placement.state_sh, placement.batch_sh),
-                   out_shardings=(placement.state_sh, placement.repl), donate_argnums=(0,))
+    return jax.jit(
+        step,
+        in_shardings=(placement.state_sh, placement.batch_sh),
+        out_shardings=(placement.state_sh, placement.repl),
+        donate_argnums=(0,),
+    )
 
 
 def eval_graphdef(cfg: Config):
@@ -123,6 +140,7 @@ def eval_graphdef(cfg: Config):
     token's score depends on the other tokens of its batch (capacity dispatch can drop
     tokens).  Parameters of the training graphdef merge into it unchanged."""
     from mlalm.model import Transformer
+
     cfg = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, dispatch="dropless"))
     graphdef, _, _ = split_model(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     return graphdef
@@ -145,6 +163,6 @@ def make_eval_step(cfg: Config, placement=None):
         return jax.jit(eval_step)
     sh = placement.state_sh
     rows = placement.batch_sh
-    return jax.jit(eval_step, in_shardings=(sh.params, sh.rest, rows, rows, rows),
-                   out_shardings=placement.repl)
-
+    return jax.jit(
+        eval_step, in_shardings=(sh.params, sh.rest, rows, rows, rows), out_shardings=placement.repl
+    )
