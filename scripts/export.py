@@ -25,10 +25,13 @@ def export_hf(path: str, out_dir: str, dtype: str | None) -> str:
     from mlalm.errors import ConfigError
     from mlalm.hf import save_pretrained
     from mlalm.inference import load_for_inference
+
     model, cfg, tokenizer = load_for_inference(path)
     if cfg.attention.kind != "mla":
-        raise ConfigError(f"--format hf writes DeepSeek-V3 checkpoints, which need attention.kind=mla; "
-                          f"this model uses {cfg.attention.kind} (use --format params)")
+        raise ConfigError(
+            f"--format hf writes DeepSeek-V3 checkpoints, which need attention.kind=mla; "
+            f"this model uses {cfg.attention.kind} (use --format params)"
+        )
     save_pretrained(model, cfg, out_dir, dtype=dtype, eos_token_id=tokenizer.eos_id)
     if tokenizer.name != "byte":  # tokenizer.json + tokenizer_config.json (its real end-of-text)
         tokenizer.save(out_dir)
@@ -42,17 +45,24 @@ def export_hf(path: str, out_dir: str, dtype: str | None) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", help="run directory, checkpoint step directory, or params export")
     parser.add_argument("out_dir", help="where to write (must not exist or be empty)")
     parser.add_argument("--format", choices=["hf", "params"], required=True)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="parameter dtype (default: float32 for params, the model's for hf)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="parameter dtype (default: float32 for params, the model's for hf)",
+    )
     args = parser.parse_args(argv)
 
     def body():
         from mlalm.errors import CheckpointError
         from mlalm.inference import export_params
+
         if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
             raise CheckpointError(f"{args.out_dir} exists and is not empty; choose a new directory")
         if args.format == "hf":
