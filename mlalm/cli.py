@@ -94,13 +94,16 @@ def train_main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     def body():
-        from mlalm.config import load_config
+        from mlalm.config import given_keys, load_config
         from mlalm.train import train
 
         path = args.config if args.config is not None else default
         cfg = load_config(path, args.overrides)
         name = os.path.splitext(os.path.basename(path))[0] if path else "default"
-        train(cfg, default_name=name)
+        # keys the user set: their own config file and the command line (configs/default.yaml,
+        # applied when no --config is given, does not count against train.init_from's model)
+        given = given_keys(args.config, args.overrides)
+        train(cfg, default_name=name, given=given)
 
     return run_command(body, quiet_unraisable=True)
 

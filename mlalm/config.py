@@ -80,7 +80,7 @@ class MoEConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     name: Literal["adamw", "muon"] = "adamw"
-    lr: float = 3e-3  # AdamW's; with muon, Muon's (and Adam's unless adam_lr is set)
+    lr: float = 3e-3  # AdamW's; with muon, the Adam side's (unless adam_lr is set)
     min_lr_ratio: float = 0.1
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmup_steps: int = 50
@@ -92,12 +92,16 @@ class OptimConfig:
     decay_embeddings: bool = False
     clip_norm: float = 1.0  # 0 disables global-norm clipping
     # Muon (optim.name=muon): hidden matrices; embeddings, head, norms, router use Adam
+    muon_lr: float = 0.01  # the Muon matrices' peak learning rate (its own: see docs/results.md)
+    muon_variant: Literal["quintic", "polar_express", "normuon"] = "quintic"
+    normuon_beta2: float = 0.95  # muon_variant=normuon: decay of the per-neuron second moment
     adam_lr: float | None = None  # the Adam side's peak learning rate (None: optim.lr)
     muon_momentum: float = 0.95  # Nesterov momentum
     muon_weight_decay: float | None = None  # None: optim.weight_decay
     ns_steps: int = 5
     # quintic Newton-Schulz coefficients (a, b, c): p(x) = a x + b x^3 + c x^5; several
-    # triples ([[a, b, c], ...]) give one per step (the last ns_steps are used)
+    # triples ([[a, b, c], ...]) give one per step (the first ns_steps are used);
+    # muon_variant=polar_express brings its own schedule instead
     ns_coeffs: tuple = (3.4445, -4.7750, 2.0315)
     qk_clip_tau: float | None = None  # QK-clip threshold on attention logits (Kimi K2: 100)
     muon_scale: Literal["rms", "shape"] = (
@@ -156,6 +160,9 @@ class TrainConfig:
     final_eval_batches: int = 0  # end of run: batches (0: the whole split)
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_consecutive_skips: int = 10  # on_nonfinite=skip: stop after this many skips in a row
+    # start from these weights (a run, checkpoint, params export, or transformers directory):
+    # step 0, fresh optimizer, the model sections and tokenizer of the source
+    init_from: str | None = None
     compile_cache: bool = True  # JAX's persistent compilation cache in data.cache_dir/jax
     progress: bool = True
     # 'auto': continue from the newest complete checkpoint of the run directory (a run
@@ -352,6 +359,12 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = text
         out.setdefault(parts[0], {})[parts[1]] = value
     return out
+
+
+def given_keys(path: str | os.PathLike | None, overrides: list[str] | None) -> set[tuple[str, str]]:
+    """The (section, key) pairs a config file (with its ``base`` chain) and overrides set."""
+    raw = _merge(_read_yaml(path) if path is not None else {}, parse_overrides(overrides or []))
+    return {(s, k) for s, values in raw.items() if isinstance(values, dict) for k in values}
 
 
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> Config:

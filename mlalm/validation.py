@@ -196,6 +196,15 @@ def _validate_muon(o) -> None:
         raise ConfigError(f"optim.muon_momentum must be in [0, 1), got {o.muon_momentum}")
     if o.qk_clip_tau is not None and o.qk_clip_tau <= 0:
         raise ConfigError(f"optim.qk_clip_tau must be positive, got {o.qk_clip_tau}")
+    if o.muon_lr <= 0:
+        raise ConfigError(f"optim.muon_lr must be positive, got {o.muon_lr}")
+    if not 0 <= o.normuon_beta2 < 1:
+        raise ConfigError(f"optim.normuon_beta2 must be in [0, 1), got {o.normuon_beta2}")
+    if o.muon_variant == "polar_express" and tuple(o.ns_coeffs) != (3.4445, -4.7750, 2.0315):
+        raise ConfigError(
+            "optim.ns_coeffs and optim.muon_variant=polar_express both choose the Newton-Schulz "
+            "coefficients; set one of them"
+        )
     if o.adam_lr is not None and o.adam_lr <= 0:
         raise ConfigError(f"optim.adam_lr must be positive, got {o.adam_lr}")
     coeffs = o.ns_coeffs

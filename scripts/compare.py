@@ -8,7 +8,8 @@
 Every run is a ``train.py`` subprocess (so peak memory is its own) writing to
 ``OUT/runs/<run>/``.  With ``--lr-sweep`` the fair protocol is used: each grid cell
 sweeps the learning rates with the first seed, keeps its own best, and runs the other
-seeds at that rate only.  Writes:
+seeds at that rate only (the rate of the cell's main optimizer: ``optim.muon_lr`` for Muon
+cells, ``optim.lr`` otherwise; ``--lr-key`` to choose).  Writes:
 
   OUT/results.csv   one row per run: varied keys, seed, lr, status (ok/diverged/failed),
                     final validation loss and perplexity, tokens and FLOPs to reach the
@@ -90,7 +91,7 @@ def run_one(args, cell: dict, seed: int, lr: str | None, out: str) -> dict:
         "train.progress=false",
     ]
     if lr is not None:
-        overrides.append(f"optim.lr={lr}")
+        overrides.append(f"{lr_key(args, overrides)}={lr}")
     cmd = [sys.executable, os.path.join(ROOT, "train.py")]
     if args.config:
         cmd += ["--config", args.config]
@@ -114,6 +115,17 @@ def run_one(args, cell: dict, seed: int, lr: str | None, out: str) -> dict:
         if code != 0 and not os.path.isdir(path):
             return {**row, "status": "failed"}
     return {**row, **read_run(path)}
+
+
+def lr_key(args, overrides) -> str:
+    """The key ``--lr-sweep`` sets: ``--lr-key``, or with ``auto`` the learning rate of the
+    cell's main optimizer -- ``optim.muon_lr`` for Muon cells (their matrices), else
+    ``optim.lr``."""
+    if args.lr_key != "auto":
+        return args.lr_key
+    from mlalm.config import load_config
+
+    return "optim.muon_lr" if load_config(args.config, overrides).optim.name == "muon" else "optim.lr"
 
 
 def read_run(path: str) -> dict:
@@ -347,6 +359,11 @@ def main(argv=None) -> int:
     p.add_argument("--grid", action="append", default=[], help="section.key=v1,v2,... (repeatable)")
     p.add_argument("--seeds", default="0", help="comma-separated seeds")
     p.add_argument("--lr-sweep", default=None, help="comma-separated learning rates swept per cell")
+    p.add_argument(
+        "--lr-key",
+        default="auto",
+        help="the key the sweep sets (default auto: optim.muon_lr for Muon cells, optim.lr otherwise)",
+    )
     p.add_argument(
         "--target-loss",
         type=float,

@@ -316,7 +316,7 @@ def test_muon_step_orthogonalises_the_matrix_its_roles_describe(leaf):
             "optim": {
                 "name": "muon",
                 "warmup_steps": 0,
-                "lr": 1.0,
+                "muon_lr": 1.0,
                 "schedule": "constant",
                 "clip_norm": 0.0,
                 "weight_decay": 0.0,
@@ -354,6 +354,108 @@ def test_muon_step_orthogonalises_the_matrix_its_roles_describe(leaf):
         axis = 0 if leaf == "wo_NGD" else 1  # where the head axis sits
         heads = np.stack([_newton_schulz_np(h) for h in per_head], axis=axis)
         assert np.abs(-factor * heads - update).max() > 0.05 * scale
+
+
+# The Polar Express schedule (arXiv 2505.16932, Algorithm 1), written out again here with
+# the paper's safety factor 1.01 on all but the last triple, for an independent reference.
+_PE_PAPER = [
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+]
+
+
+def _polar_express_np(x, steps=5):
+    """float64 Algorithm 1: X / (1.01·||X||_F + 1e-7), then X <- aX + (bA + cA²)X with
+    the i-th safety-scaled triple (a/1.01, b/1.01³, c/1.01⁵), on the wide orientation."""
+    x = np.asarray(x, np.float64)
+    tall = x.shape[0] > x.shape[1]
+    X = x.T if tall else x
+    X = X / (np.linalg.norm(X) * 1.01 + 1e-7)
+    for a, b, c in _PE_PAPER[:steps]:
+        a, b, c = a / 1.01, b / 1.01**3, c / 1.01**5
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+def _normuon_np(g, fan_in_axes, beta2=0.95):
+    """float64 NorMuon step from zero state (arXiv 2510.05491; reference normuon.py) on
+    one matrix [fan_in, fan_out]: O = NS(G); v = (1 - beta2)·mean over fan-in of O²;
+    O' = O / (sqrt(v) + 1e-10), rescaled to ||O||_F."""
+    O = _newton_schulz_np(g)
+    v = (1 - beta2) * np.mean(O**2, axis=fan_in_axes, keepdims=True)
+    scaled = O / (np.sqrt(v) + 1e-10)
+    return scaled * (np.linalg.norm(O) / (np.linalg.norm(scaled) + 1e-10))
+
+
+@pytest.mark.parametrize("variant", ["quintic", "polar_express", "normuon"])
+@pytest.mark.parametrize("leaf", ["matrix", "experts", "wkv_b_RNU"])
+def test_each_muon_variant_matches_a_float64_reference(variant, leaf):
+    """One step of each Muon variant (muon_lr 1, no weight decay) against float64 numpy on
+    a [D, F] matrix, an expert stack [E, D, F] (each expert its own matrix) and MLA's
+    W_kvb [R, N, d_n + d_v] (one R x N(d_n + d_v) matrix): update = -0.2·sqrt(max(fan_in,
+    fan_out)) · variant(G)."""
+    cfg = from_dict(
+        {
+            **MLA_MOE,
+            "optim": {
+                "name": "muon",
+                "muon_variant": variant,
+                "warmup_steps": 0,
+                "muon_lr": 1.0,
+                "schedule": "constant",
+                "clip_norm": 0.0,
+                "weight_decay": 0.0,
+            },
+        }
+    )
+    rng = np.random.default_rng(7)
+    if leaf == "matrix":
+        var, view = _matrix((24, 40)), lambda g: [g]
+    elif leaf == "experts":
+        var = param(
+            nnx.Rngs(0),
+            (3, 24, 16),
+            (None, None, None),
+            label="hidden",
+            batch=(0,),
+            fan_in=(1,),
+            fan_out=(2,),
+            init="zeros",
+        )
+        view = lambda g: list(g)  # noqa: E731
+    else:
+        _, params, _ = split_model(Transformer(cfg, rngs=nnx.Rngs(0)))
+        var = params["blocks"][1]["attn"][leaf]
+        view = lambda g: [g.reshape(g.shape[0], -1)]  # noqa: E731
+    g = rng.standard_normal(var.shape).astype(np.float32)
+    tree = {"w": var}
+    tx, _ = build_optimizer(cfg, 10)
+    update = np.asarray(
+        tx.update({"w": var.replace(jnp.asarray(g))}, tx.init(tree), tree)[0]["w"][...], np.float64
+    )
+    reference = {
+        "quintic": _newton_schulz_np,
+        "polar_express": _polar_express_np,
+        "normuon": lambda m: _normuon_np(m, (0,)),
+    }[variant]
+    mats = [reference(m) for m in view(g.astype(np.float64))]
+    fan_in, fan_out = mats[0].shape
+    want = -0.2 * math.sqrt(max(fan_in, fan_out)) * np.stack(mats).reshape(g.shape)
+    scale = np.abs(want).max()
+    np.testing.assert_allclose(update, want, atol=3e-5 * scale, rtol=0)
+    others = [v for v in ("quintic", "polar_express", "normuon") if v != variant]
+    for other in others:  # the variants differ measurably, so the check can tell them apart
+        ref = {
+            "quintic": _newton_schulz_np,
+            "polar_express": _polar_express_np,
+            "normuon": lambda m: _normuon_np(m, (0,)),
+        }[other]
+        alt = -0.2 * math.sqrt(max(fan_in, fan_out)) * np.stack([ref(m) for m in view(g.astype(np.float64))])
+        assert np.abs(alt.reshape(g.shape) - update).max() > 100 * 3e-5 * scale
 
 
 @pytest.mark.parametrize("shape", [(64, 16), (16, 64), (32, 32), (6, 48, 24)])
@@ -402,7 +504,7 @@ def test_muon_step_on_least_squares_reduces_loss():
     B = A @ W_true
     params = {"blocks": {"w_DF": _matrix((32, 16))}}  # a 'hidden' matrix -> Muon
     loss = lambda p: jnp.mean((A @ p["blocks"]["w_DF"][...] - B) ** 2)
-    tx = _muon_tx(lr=0.3, schedule="cosine", warmup_steps=0, min_lr_ratio=0.0)
+    tx = _muon_tx(muon_lr=0.3, schedule="cosine", warmup_steps=0, min_lr_ratio=0.0)
     state = tx.init(params)
 
     @jax.jit
@@ -425,7 +527,7 @@ def test_muon_update_rms_matches_the_rule():
     params = jax.tree.map(jnp.zeros_like, g)
     outs = {}
     for mode in ("rms", "shape"):
-        tx = _muon_tx(lr=1.0, muon_scale=mode)
+        tx = _muon_tx(muon_lr=1.0, muon_scale=mode)
         u, _ = tx.update(g, tx.init(params), params)
         outs[mode] = np.asarray(u["blocks"]["w_DF"][...])
     ratio = np.abs(outs["rms"]).sum() / np.abs(outs["shape"]).sum()

@@ -25,6 +25,7 @@ from mlalm.flops import flops_per_token, peak_flops
 from mlalm.inference import check_fits
 from mlalm.optim import build_optimizer, effective_warmup
 from mlalm.sharding import Placement, global_batch, maybe_initialize_distributed
+from mlalm.train import init_from
 from mlalm.train.metrics import MetricsLogger, perplexity
 from mlalm.train.report import SourceTokens, StepReporter
 from mlalm.train.run_dir import (
@@ -81,8 +82,13 @@ def enable_compile_cache(cache_dir: str | None) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
-def train(cfg: Config, *, default_name: str = "default", log=print) -> TrainResult:
+def train(
+    cfg: Config, *, default_name: str = "default", log=print, given: set[tuple[str, str]] = frozenset()
+) -> TrainResult:
     """Run training as ``cfg`` says (resuming as ``train.resume`` says).
+
+    ``given``: the (section, key) pairs the user set; with ``train.init_from`` a model key
+    among them that disagrees with the source is an error (``mlalm.train.init_from``).
 
     Raises:
         ConfigError, DataError: before anything is written to the run directory.
@@ -95,6 +101,8 @@ def train(cfg: Config, *, default_name: str = "default", log=print) -> TrainResu
         enable_compile_cache(cfg.data.cache_dir)
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *_: None)
+    cfg = init_from.resolve(cfg, given)  # the source's model sections and tokenizer, if any
+    t = cfg.train
     log(f"reading {cfg.data.path or 'the built-in corpus'} ({cfg.data.tokenizer} tokenizer) ...")
     # all input errors surface here, before any write; raw text is prepared into the cache once
     corpus = load_corpus(cfg.data, log=log, progress=t.progress and is_main and sys.stderr.isatty())
@@ -159,6 +167,12 @@ def _run(cfg, plan, corpus, train_ds, graphdef, state, placement, tx, schedule, 
                     f"raise train.steps to train further"
                 )
             log(f"resuming from {source.directory}/{start_step} (step {start_step}/{t.steps})")
+    if start_step == 0 and t.init_from is not None:  # fresh optimizer at step 0
+        params, rest = init_from.load_weights(cfg, state.params, state.rest)
+        state = placement.put_state(
+            dataclasses.replace(state, params=params, opt_state=tx.init(params), rest=rest)
+        )
+        log(f"initialised from {t.init_from} (step 0, fresh optimizer)")
     if is_main:
         if start_step:
             set_aside_after(run_dir, start_step, log)
