@@ -56,6 +56,10 @@ class AttentionConfig:
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
+    # RMSNorm on the latent c_kv, as DeepSeek (true); false: c_kv = W_kva h as is, which
+    # models converted from MHA/GQA/MQA need to compute exactly what they computed
+    # (mlalm.convert; docs/architecture.md, "MLA")
+    kv_latent_norm: bool = True
     impl: Literal["xla", "pallas"] = "xla"
 
 

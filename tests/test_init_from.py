@@ -103,3 +103,44 @@ def test_init_from_a_params_export_and_resume_after_a_stop_is_exact(tmp_path, co
     train(again, log=lambda *_: None)
     again_rows = [json.loads(line) for line in open(os.path.join(full.run_dir, "metrics.jsonl"))]
     assert [(r["step"], r.get("loss")) for r in again_rows] == [(r["step"], r.get("loss")) for r in rows]
+
+
+def test_init_from_a_llama_directory(tmp_path, corpus_file):
+    """A transformers Llama checkpoint (GQA, no tokenizer.json: the byte tokenizer must fit
+    its vocabulary) as the start: the run's model is the Llama model, and with a learning
+    rate of 1e-12 its weights come out as they went in (to float32 rounding)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    src = tmp_path / "llama"
+    transformers.LlamaForCausalLM(hf).save_pretrained(src, safe_serialization=True)
+    cfg = _cfg(
+        tmp_path,
+        "ft",
+        corpus_file,
+        train={"init_from": str(src), "steps": 1},
+        optim={"lr": 1e-12, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0},
+    )
+    result = train(cfg, log=lambda *_: None)
+    assert result.cfg.attention.kind == "gqa" and result.cfg.model.vocab_size == 300
+    from mlalm.llama import from_pretrained
+    from mlalm.train.state import split_model
+
+    want = split_model(from_pretrained(str(src))[0])[1]
+    got = result.state.params
+    for (path, a), (_, b) in zip(
+        jax.tree_util.tree_flatten_with_path(want)[0], jax.tree_util.tree_flatten_with_path(got)[0]
+    ):
+        np.testing.assert_allclose(
+            np.asarray(b), np.asarray(a), rtol=0, atol=1e-6, err_msg=jax.tree_util.keystr(path)
+        )

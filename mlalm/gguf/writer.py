@@ -75,6 +75,12 @@ def check_exportable(cfg: Config, dtype: str = "f32") -> None:
             "moe.n_shared_experts=0: llama.cpp's deepseek2 architecture needs at least one shared "
             "expert (blk.N.ffn_*_shexp)"
         )
+    if not a.kv_latent_norm:
+        raise ConfigError(
+            "attention.kv_latent_norm=false: llama.cpp's deepseek2 always normalises the latent "
+            "(attn_kv_a_norm, an RMSNorm no weight turns into the identity); keep this model as a "
+            "params export (scripts/export.py --format params)"
+        )
 
 
 def _interleave_rope(P: int) -> np.ndarray:

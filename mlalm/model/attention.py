@@ -4,6 +4,7 @@ MLA (DeepSeek-V2/V3), per token h:
     q        = W_q h                              or W_qb RMSNorm(W_qa h)    (q LoRA)
     [q_nope; q_pe] per head, RoPE on q_pe
     [c; k_pe] = W_kva h,  c_kv = RMSNorm(c),  k_pe = RoPE(k_pe)   (ONE rope key, all heads)
+             (attention.kv_latent_norm=false: c_kv = c, for models converted by mlalm.convert)
     [k_nope; v] = W_kvb c_kv  per head
     k = [k_nope; k_pe], q = [q_nope; q_pe]:  qk width d_n + d_r, value width d_v
     softmax scale (d_n + d_r)^-1/2
@@ -297,6 +298,7 @@ class MLAttention(nnx.Module):
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         impl: str = "xla",
+        kv_latent_norm: bool = True,
         rngs: nnx.Rngs,
     ):
         D, N, R, P = d_model, n_heads, kv_lora_rank, qk_rope_head_dim
@@ -318,7 +320,15 @@ class MLAttention(nnx.Module):
         self.q_lora = bool(q_lora_rank)
         # one matrix produces the latent c (R) and the shared rope key (P): width J = R + P
         self.wkv_a_DJ = param(rngs, (D, R + P), ("embed", "kv_lora"), std=std, **matrix)
-        self.kv_norm = RMSNorm(R, eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
+        # DeepSeek normalises the latent: c_kv = RMSNorm(c).  kv_latent_norm=False drops
+        # the norm (and its parameter): c_kv = c, a linear function of h, which is what a
+        # model converted from MHA/GQA/MQA needs to be exact (mlalm.convert), since no
+        # linear map reproduces a division by the RMS.  transformers' DeepseekV3, vLLM,
+        # SGLang and llama.cpp always apply kv_a_layernorm, so such a model cannot be
+        # exported to their formats: no norm weight makes RMSNorm the identity.
+        self.kv_latent_norm = kv_latent_norm
+        if kv_latent_norm:
+            self.kv_norm = RMSNorm(R, eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
         # per head k_nope then v: width U = d_n + d_v
         self.wkv_b_RNU = param(rngs, (R, N, dn + dv), ("kv_lora", "heads", "head_dim"), std=std, **up)
         self.wo_NGD = param(
@@ -346,9 +356,10 @@ class MLAttention(nnx.Module):
         return q[..., : self.dn], apply_rope(q[..., self.dn :], cos, sin)
 
     def latent(self, x_BTD, cos, sin):
-        """What MLA caches per token: normalised c_kv [B,T,R] and rotated k_pe [B,T,P]."""
+        """What MLA caches per token: c_kv [B,T,R] (normalised unless kv_latent_norm is
+        off) and rotated k_pe [B,T,P]."""
         ckv = linear(x_BTD, self.wkv_a_DJ[...].astype(self.dtype))
-        c_kv = self.kv_norm(ckv[..., : self.R])
+        c_kv = self.kv_norm(ckv[..., : self.R]) if self.kv_latent_norm else ckv[..., : self.R]
         k_pe = apply_rope(ckv[..., None, self.R :], cos, sin)[:, :, 0]
         return c_kv, k_pe
 
@@ -471,6 +482,7 @@ def make_attention(cfg, *, rngs: nnx.Rngs) -> MLAttention | MultiHeadAttention:
             qk_rope_head_dim=a.qk_rope_head_dim,
             v_head_dim=a.v_head_dim,
             norm_eps=m.norm_eps,
+            kv_latent_norm=a.kv_latent_norm,
             **common,
         )
     return MultiHeadAttention(n_heads=a.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=a.head_dim, **common)

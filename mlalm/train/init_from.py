@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Set as AbstractSet
 
 from mlalm.config import Config, from_dict
 from mlalm.errors import CheckpointError, ConfigError
@@ -41,10 +42,16 @@ def source_config(path: str) -> tuple[dict, str | None]:
     if not os.path.exists(path):
         raise CheckpointError(f"train.init_from={path}: no such run, checkpoint or model directory")
     if _is_hf(path):
-        from mlalm.hf import config_from_hf
-
         with open(os.path.join(path, "config.json")) as f:
-            src = config_from_hf(json.load(f)).to_dict()
+            hf = json.load(f)
+        from mlalm import llama
+
+        if hf.get("model_type") in llama.MODEL_TYPES:
+            src = llama.config_from_hf(hf).to_dict()
+        else:
+            from mlalm.hf import config_from_hf
+
+            src = config_from_hf(hf).to_dict()
         tok = os.path.join(path, "tokenizer.json")
         return {s: src[s] for s in MODEL_SECTIONS}, tok if os.path.isfile(tok) else None
     from mlalm.checkpoint import find_checkpoint
@@ -55,7 +62,7 @@ def source_config(path: str) -> tuple[dict, str | None]:
     return {s: src[s] for s in MODEL_SECTIONS}, _local_tokenizer(step_dir)
 
 
-def resolve(cfg: Config, explicit: set[tuple[str, str]] = frozenset()) -> Config:
+def resolve(cfg: Config, explicit: AbstractSet[tuple[str, str]] = frozenset()) -> Config:
     """``cfg`` with the source's model sections (and tokenizer); ``explicit`` are the
     (section, key) pairs the user gave (a config file of theirs or the command line): one
     that disagrees with the source is an error, except the free keys above, which apply.
@@ -95,10 +102,13 @@ def load_weights(cfg: Config, like_params, like_rest):
     path = cfg.train.init_from
     assert path is not None
     if _is_hf(path):
+        from mlalm import llama
         from mlalm.hf import from_pretrained
         from mlalm.train.state import split_model
 
-        model, _ = from_pretrained(path)
+        with open(os.path.join(path, "config.json")) as f:
+            is_llama = json.load(f).get("model_type") in llama.MODEL_TYPES
+        model, _ = llama.from_pretrained(path) if is_llama else from_pretrained(path)
         _, params, rest = split_model(model)
     else:
         from mlalm.inference import load_params

@@ -13,6 +13,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Set as AbstractSet
 
 import jax
 
@@ -83,7 +84,11 @@ def enable_compile_cache(cache_dir: str | None) -> None:
 
 
 def train(
-    cfg: Config, *, default_name: str = "default", log=print, given: set[tuple[str, str]] = frozenset()
+    cfg: Config,
+    *,
+    default_name: str = "default",
+    log=print,
+    given: AbstractSet[tuple[str, str]] = frozenset(),
 ) -> TrainResult:
     """Run training as ``cfg`` says (resuming as ``train.resume`` says).
 
