@@ -142,7 +142,8 @@ def read_run(path: str) -> dict:
     )
     tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
     curve = [
-        (r["step"] * tokens_per_step, r.get("elapsed_s", 0.0), r["val_loss"]) for r in rows if "val_loss" in r
+        (r["step"] * tokens_per_step, r.get("elapsed_s", 0.0), r["val_loss"])
+        for r in _same_measurement([r for r in rows if "val_loss" in r])
     ]
     summary_path = os.path.join(path, "summary.json")
     out = {
@@ -190,6 +191,18 @@ def read_eval(path: str) -> dict:
     return out
 
 
+def _same_measurement(rows):
+    """The validation rows of one kind: the periodic ones (scored on the first
+    ``train.eval_batches`` batches) and the final row only when it scored the same tokens.
+    A final whole-split loss is a different measurement from a prefix's (on WikiText-2 the
+    two differ by ~0.1 nats), so mixing them would bias tokens-to-target."""
+    periodic = [r for r in rows if not r.get("final")]
+    final = [r for r in rows if r.get("final")]
+    if final and (not periodic or final[-1].get("val_tokens") == periodic[-1].get("val_tokens")):
+        return periodic + final[-1:]
+    return periodic
+
+
 def tokens_to_reach(curve, target: float):
     """First token count at which the validation curve reaches ``target`` (linear interp.)."""
     prev = None
@@ -213,7 +226,9 @@ def write_outputs(rows, keys, out, target):
     for r in best:
         cells.setdefault(cell_key(r, keys), []).append(r)
     ref_key = next(iter(cells)) if cells else None
-    ref_ok = [r["final_val_loss"] for r in cells.get(ref_key, []) if r.get("status") == "ok"]
+    # the reference cell's loss at the end of its curve: the same measurement the curves
+    # hold (not the final whole-split figure when the curves score a prefix)
+    ref_ok = [r["curve"][-1][2] for r in cells.get(ref_key, []) if r.get("status") == "ok" and r.get("curve")]
     ref_target = statistics.mean(ref_ok) if ref_ok else None
     for r in rows:
         t = target if target is not None else ref_target
@@ -267,10 +282,11 @@ def write_outputs(rows, keys, out, target):
         + "diverged |",
         "|" + "---|" * (len(keys) + 8 + len(extra)),
     ]
-    # The reference cell reaches its own mean final loss at its full budget (by definition);
-    # every other cell: mean over its seeds of the interpolated tokens, when all reach it.
-    ref_ok = [r for r in cells.get(ref_key, []) if r.get("status") == "ok"]
-    ref_tokens = ref_ok[0]["tokens"] if ref_ok and target is None else None
+    # The reference cell reaches its own mean curve-end loss where its curves end (by
+    # definition); every other cell: mean over its seeds of the interpolated tokens, when
+    # all reach it.
+    ref_ok = [r for r in cells.get(ref_key, []) if r.get("status") == "ok" and r.get("curve")]
+    ref_tokens = statistics.mean(r["curve"][-1][0] for r in ref_ok) if ref_ok and target is None else None
     for key, rs in cells.items():
         ok = [r for r in rs if r.get("status") == "ok"]
         reach = [r["tokens_to_target"] for r in ok if r["tokens_to_target"] is not None]
@@ -293,7 +309,7 @@ def write_outputs(rows, keys, out, target):
         f"# Comparison ({time.strftime('%Y-%m-%d')})",
         "",
         f"Target loss: {t:.4f} "
-        f"({'given' if target else 'the first cell' + chr(39) + 's mean final validation loss'})."
+        f"({'given' if target else 'the mean validation loss of the first cell at the end of its curve'})."
         if t is not None
         else "No target loss (the reference cell did not finish).",
         "",
@@ -368,7 +384,8 @@ def main(argv=None) -> int:
         "--target-loss",
         type=float,
         default=None,
-        help="loss for tokens-to-target (default: the first cell's mean final loss)",
+        help="loss for tokens-to-target (default: the first cell's mean loss at the end of its validation "
+        "curve, the curves' own measurement)",
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--rerun", action="store_true", help="rerun runs that already have results")

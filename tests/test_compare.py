@@ -20,6 +20,39 @@ def test_tokens_to_reach_interpolates():
     assert compare.tokens_to_reach(curve, 1.0) is None
 
 
+def test_curves_keep_one_kind_of_validation_measurement():
+    """A final whole-split loss is not a point of a curve scored on a prefix (before: the
+    curves ended with it and the target was the reference's whole-split loss, biasing
+    tokens-to-target)."""
+    periodic = [{"step": s, "val_loss": 3.0 - s / 100, "val_tokens": 512} for s in (50, 100)]
+    whole = {"step": 150, "final": True, "val_loss": 2.2, "val_tokens": 9000}
+    prefix = {"step": 150, "final": True, "val_loss": 1.4, "val_tokens": 512}
+    assert compare._same_measurement(periodic + [whole]) == periodic
+    assert compare._same_measurement(periodic + [prefix]) == periodic + [prefix]
+    # the default target is the reference cell's curve end, the curves' own measurement
+    rows = [
+        {
+            "cell": "a",
+            "seed": s,
+            "status": "ok",
+            "lr": None,
+            "final_val_loss": 9.0,
+            "final_val_ppl": 1.0,
+            "tokens": 300,
+            "tokens_per_s": 1.0,
+            "flops_per_token": 1.0,
+            "curve": [(100, 1.0, 3.0), (200, 2.0, 2.0 + s / 10)],
+        }
+        for s in (0, 1)
+    ]
+    compare.write_outputs.__globals__["plot"] = lambda *a: None  # no matplotlib figures here
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        compare.write_outputs(rows, ["cell"], out, None)
+    assert rows[0]["target_loss"] == pytest.approx(2.05)
+
+
 def test_grid_values_with_extra_overrides():
     grid = compare.parse_grid(["attention.kind=mha,gqa+attention.n_kv_heads=2"])
     assert grid == {"attention.kind": ["mha", "gqa+attention.n_kv_heads=2"]}

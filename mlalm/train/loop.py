@@ -304,7 +304,13 @@ def _run(cfg, plan, corpus, train_ds, graphdef, state, placement, tx, schedule, 
             summary = _summary(cfg, run_dir, final, test, start, elapsed0, start_step, n_params)
             logger.write(
                 t.steps,
-                {"final": True, "val_loss": final["loss"], **({"test_loss": test["loss"]} if test else {})},
+                {
+                    "final": True,
+                    "val_loss": final["loss"],
+                    "val_tokens": final["tokens"],
+                    "val_whole_split": final["whole_split"],
+                    **({"test_loss": test["loss"]} if test else {}),
+                },
                 {
                     "val/loss": final["loss"],
                     "val/perplexity": perplexity(final["loss"]),
