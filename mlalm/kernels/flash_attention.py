@@ -32,17 +32,14 @@ from typing import cast
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 
+from mlalm.kernels.common import _MIN_BLOCK, NEG_INF, _call, _dot, _fit, _fori, _i32, _rows, _whole
 from mlalm.utils import round_up
 
+
 # A finite "minus infinity": exp(NEG_INF - m) underflows to 0 without inf - inf = nan.
-NEG_INF = -0.7 * float(np.finfo(np.float32).max)
-_MIN_BLOCK = 16  # Triton's tl.dot needs every dimension >= 16
-
-
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes (powers of two >= 16) for the three kernels, plus GPU launch hints.
@@ -135,38 +132,6 @@ class _Cfg:
     interpret: bool
     precision: lax.Precision
     compiler_params: object = None
-
-
-# Index arithmetic is int32 throughout, whatever jax_enable_x64 says: program_id is int32,
-# and a Python int handed to lax.rem/lax.div would become int64 under x64 (lax ops do not
-# promote: int32 op int64 is a TypeError).  Loop counters likewise (see _fori).
-_i32 = jnp.int32
-
-
-def _fori(lo, hi, body, init):
-    """``lax.fori_loop(lo, hi, body, init)`` whose index is int32 whatever jax_enable_x64 says.
-
-    With static bounds fori_loop becomes a scan whose counter is a Python int (int64 under
-    x64; Mosaic then fails to verify the cast back to int32), so that case is the same
-    scan written out with an int32 counter -- the (i, carry) -> (i + 1, ...) form Pallas
-    lowers as a for loop.  Traced bounds are int32 already and give an int32 index.
-    """
-    if isinstance(lo, int) and isinstance(hi, int):
-
-        def step(carry, _):
-            j, x = carry
-            return (j + 1, body(j, x)), None
-
-        (_, out), _ = lax.scan(step, (_i32(lo), init), None, length=max(hi - lo, 0))
-        return out
-    return lax.fori_loop(lo, hi, body, init)
-
-
-def _dot(a, b, ca, cb, precision):
-    """a·b contracting a's dim ca with b's dim cb, accumulated in float32."""
-    return lax.dot_general(
-        a, b, (((ca,), (cb,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-    )
 
 
 def _mask(cfg: _Cfg, q_start, k_start, rows, cols):
@@ -284,29 +249,6 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
 # ----------------------------------------------------------------------- pallas calls
 
 
-def _rows(block, width):
-    """Spec for a [block, width] tile of a [B, K, rows, width] array, grid (b, kv, r)."""
-    return pl.BlockSpec((None, None, block, width), lambda b, h, r: (b, h, r, 0))
-
-
-def _whole(rows, width):
-    """Spec for all rows of one (batch, kv head) of a [B, K, rows, width] array."""
-    return pl.BlockSpec((None, None, rows, width), lambda b, h, r: (b, h, 0, 0))
-
-
-def _call(kernel, cfg, grid, in_specs, out_specs, out_shape, name):
-    return pl.pallas_call(
-        functools.partial(kernel, cfg=cfg),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        interpret=cfg.interpret,
-        compiler_params=cfg.compiler_params,
-        name=name,
-    )
-
-
 def _forward(q, k, v, cfg: _Cfg):
     B, K, M, H = q.shape
     S, G = k.shape[2], v.shape[3]
@@ -374,11 +316,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 # ----------------------------------------------------------------------------- wrapper
-
-
-def _fit(block: int, n: int) -> int:
-    """Shrink a power-of-two block to the smallest power of two >= n (at least 16)."""
-    return min(block, max(_MIN_BLOCK, pl.next_power_of_2(n)))
 
 
 def _check_shapes(q, k, v):

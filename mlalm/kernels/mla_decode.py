@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from mlalm.kernels.flash_attention import _MIN_BLOCK, NEG_INF, _dot, _fit, _fori, _i32
+from mlalm.kernels.common import _MIN_BLOCK, NEG_INF, _dot, _fit, _fori, _i32
 from mlalm.utils import round_up
 
 _TARGET_PROGRAMS = 128  # about one program per SM on an H100 (132 SMs)
