@@ -112,7 +112,9 @@ def _eval_args(argv=None):
     p = argparse.ArgumentParser(
         prog="eval.py",
         description="Evaluate a checkpoint: perplexity, bits per byte, word perplexity, KV cache, "
-        "decode speed.",
+        "decode speed; for a model with multi-token prediction also each MTP depth's loss and "
+        "top-1 agreement with the main model, and self-speculative decoding (tokens/s, "
+        "acceptance rate) against plain greedy decoding.",
         epilog="Windows: one end-of-text token, then the split; windows of train.seq_len + 1 "
         "tokens every train.seq_len tokens, so every token of the split is predicted "
         "exactly once (context: the tokens before it in its window). Bits per byte: "
@@ -155,7 +157,17 @@ def _eval_args(argv=None):
         help="bytes (e.g. 8GiB, 1.5GB) for the longest context whose KV cache fits, "
         "at batch 1, cache only (default 1GiB)",
     )
-    p.add_argument("--no-decode", action="store_true", help="skip the decode-speed measurement")
+    p.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="skip the decode-speed (and speculative decoding) measurement",
+    )
+    p.add_argument(
+        "--speculative-tokens",
+        type=int,
+        default=64,
+        help="models with MTP: new tokens per prompt of the speculative decoding timing",
+    )
     return p.parse_args(argv)
 
 
@@ -194,6 +206,7 @@ def eval_main(argv=None) -> int:
                 decode_context=args.decode_context,
                 memory_budget=budget,
                 decode=not args.no_decode,
+                speculative_tokens=args.speculative_tokens,
                 log=log,
             )
             if is_run_dir(args.path):

@@ -41,6 +41,9 @@ class ModelConfig:
     init_std: float = 0.02
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype
+    # multi-token prediction (DeepSeek-V3): D sequential modules, depth k predicting the
+    # token k + 1 ahead (0: off; docs/architecture.md, "Multi-token prediction")
+    mtp_depth: int = 0
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,7 @@ class TrainConfig:
     seq_len: int = 128
     grad_accum: int = 1
     loss_chunk: int = 256  # tokens per chunk of the fused LM head + loss (0: plain logits)
+    mtp_loss_weight: float = 0.3  # lambda: loss = main + lambda / D * sum of the D MTP losses
     seed: int = 0
     run_dir: str = "runs"
     name: str | None = None  # None: derived from the config file name

@@ -26,6 +26,19 @@ Quality is measured over the WHOLE split (or the first ``max_batches`` batches):
 
 The KV cache is sized from the formula (``kv_cache_bytes_per_token_per_layer``) and
 from the arrays ``init_cache`` actually allocates; the two must agree.
+
+Models with multi-token prediction (``model.mtp_depth`` = D) get two more sections; the
+figures above stay the main head's:
+
+* ``mtp`` (:func:`mtp_quality`), per depth k, over the same windows: ``loss``, the mean
+  NLL of t_{i+k+1} given by depth k at position i, over the positions whose target lies
+  in the window (T - k per full window); and ``agreement``, the fraction of those
+  positions where argmax of depth k's logits at i equals argmax of the main model's
+  logits at i + k -- the main model's own prediction of the same token t_{i+k+1}, made
+  from the true tokens up to i + k.  (Depth 1: MTP at i against main at i + 1.)
+* ``speculative`` (with the decode timing): greedy decoding of prompts taken from the
+  split, plain and self-speculative, at batch 1 and at the decode batch: tokens/s of
+  each, the acceptance rate of the drafts, and whether the outputs are identical.
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import os
 import re
 import sys
 import time
+from typing import cast
 
 import jax
 import numpy as np
@@ -274,6 +288,63 @@ def quality(
     }
 
 
+def mtp_quality(
+    model, cfg, tokens, *, eos_id: int, seq_len: int, batch_size: int, max_batches: int = 0
+) -> list[dict]:
+    """Each MTP depth's loss and agreement with the main model (module docstring) over
+    the windows of :func:`score`; MoE routing dropless.  One dict per depth:
+    {'depth', 'loss', 'agreement', 'positions'}."""
+    import jax.numpy as jnp
+    import optax
+
+    from mlalm.model import Transformer
+    from mlalm.model.mtp import shift_tokens
+    from mlalm.train.state import split_model
+    from mlalm.train.step import eval_graphdef
+
+    graphdef = eval_graphdef(cfg)
+    _, params, rest = split_model(model)
+
+    @jax.jit
+    def step(params, rest, x_BT, y_BT, w_BT):
+        m = cast(Transformer, nnx.merge(graphdef, params, rest))
+        h, mtp_h, _ = m.hidden_mtp(x_BT)
+        main_next = jnp.argmax(m.logits(h), axis=-1)  # at i: the main model's t_{i+1}
+        sums = []
+        for k, hk in enumerate(mtp_h, start=1):
+            logits = m.logits(hk)  # at i: depth k's t_{i+k+1}
+            w = shift_tokens(w_BT, k)  # target y[i + k] scored (0 past the window)
+            nll = optax.softmax_cross_entropy_with_integer_labels(logits, shift_tokens(y_BT, k))
+            agree = jnp.argmax(logits, axis=-1) == shift_tokens(main_next, k)
+            sums.append(jnp.stack([jnp.sum(nll * w), jnp.sum(agree * w), jnp.sum(w)]))
+        return jnp.stack(sums)
+
+    stream = np.empty(len(tokens) + 1, np.int32)
+    stream[0] = eos_id
+    stream[1:] = tokens
+    total = np.zeros((cfg.model.mtp_depth, 3))
+    for x, y, w in window_batches(stream, seq_len=seq_len, batch_size=batch_size, max_batches=max_batches):
+        total += np.asarray(to_host(step(params, rest, x, y, w)), np.float64)
+    return [
+        {"depth": k + 1, "loss": nll / max(n, 1), "agreement": agree / max(n, 1), "positions": int(n)}
+        for k, (nll, agree, n) in enumerate(total)
+    ]
+
+
+def speculative_report(model, tokens, *, batches, prompt_len: int, new_tokens: int) -> list[dict]:
+    """:func:`mlalm.generate.measure_speculative` at each batch size of ``batches``, the
+    prompts being ``prompt_len``-token pieces of ``tokens`` spread over the split."""
+    from mlalm.generate import measure_speculative
+
+    out = []
+    for B in batches:
+        stride = max(prompt_len, (len(tokens) - prompt_len) // max(B, 1))
+        starts = [(i * stride) % max(len(tokens) - prompt_len, 1) for i in range(B)]
+        prompts = [[int(t) for t in tokens[s : s + prompt_len]] for s in starts]
+        out.append(measure_speculative(model, prompts, new_tokens))
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # KV cache
 # ---------------------------------------------------------------------------------------
@@ -342,6 +413,7 @@ def evaluate_checkpoint(
     decode_context: int | None = None,
     memory_budget: int = 2**30,
     decode: bool = True,
+    speculative_tokens: int = 64,
     log=None,
 ) -> dict:
     """Everything ``eval.py`` reports, as one JSON-ready dict (see the module docstring).
@@ -354,6 +426,8 @@ def evaluate_checkpoint(
         decode_batch, decode_context: where the cache is measured and decode timed
             (context default min(1024, model.max_seq_len)).
         memory_budget: bytes for the longest-context figure (batch 1, cache only).
+        speculative_tokens: new tokens per prompt of the speculative decoding timing
+            (models with MTP, when ``decode``).
         log: ``log(str)`` for progress (stderr in the command line).
     Raises:
         CheckpointError, DataError, ConfigError: with a one-line message.
@@ -372,6 +446,8 @@ def evaluate_checkpoint(
             raise ConfigError(f"{name}={v}: must be >= 1")
     if max_batches < 0:
         raise ConfigError(f"--max-batches={max_batches}: must be >= 0 (0: the whole split)")
+    if speculative_tokens < 1:
+        raise ConfigError(f"--speculative-tokens={speculative_tokens}: must be >= 1")
     ckpt_dir = find_checkpoint(path)
     model, cfg, tokenizer = load_for_inference(ckpt_dir)  # dropless MoE routing
     assert cfg.model.vocab_size is not None  # the model was built, so its vocab_size is set
@@ -410,6 +486,12 @@ def evaluate_checkpoint(
             progress=progress,
         )
     )
+    report["mtp"] = None
+    if cfg.model.mtp_depth:
+        log(f"eval {label}: multi-token prediction, {cfg.model.mtp_depth} depth(s) ...")
+        report["mtp"] = mtp_quality(
+            model, cfg, tokens, eos_id=tokenizer.eos_id, seq_len=T, batch_size=B, max_batches=max_batches
+        )
     report["eval_seconds"] = time.perf_counter() - t0
     N = decode_context or min(1024, cfg.model.max_seq_len)
     report["kv_cache"] = kv_cache_report(
@@ -429,6 +511,15 @@ def evaluate_checkpoint(
         report["decode"] = {
             k: d[k] for k in ("tokens_per_s", "ms_per_step", "batch", "context", "new_tokens", "absorbed")
         }
+    report["speculative"] = None
+    if decode and cfg.model.mtp_depth:
+        prompt_len = max(1, min(64, cfg.model.max_seq_len // 4))
+        n_new = max(1, min(speculative_tokens, cfg.model.max_seq_len - prompt_len))
+        batches = sorted({1, decode_batch})
+        log(f"speculative decoding: batch {' and '.join(map(str, batches))}, {n_new} new tokens ...")
+        report["speculative"] = speculative_report(
+            model, tokens, batches=batches, prompt_len=prompt_len, new_tokens=n_new
+        )
     return report
 
 
@@ -450,6 +541,12 @@ def write_run_outputs(run_dir: str, report: dict) -> str:
     scalars["kv_bytes_per_token"] = report["kv_cache"]["measured_bytes_per_token"]
     if report["decode"]:
         scalars["decode_tokens_per_s"] = report["decode"]["tokens_per_s"]
+    for d in report.get("mtp") or []:
+        scalars[f"mtp_loss/depth{d['depth']}"] = d["loss"]
+        scalars[f"mtp_agreement/depth{d['depth']}"] = d["agreement"]
+    for sp in report.get("speculative") or []:
+        scalars[f"speculative/batch{sp['batch']}/acceptance_rate"] = sp["acceptance_rate"]
+        scalars[f"speculative/batch{sp['batch']}/speedup"] = sp["speedup"]
     with SummaryWriter(run_dir) as tb:
         for k, v in scalars.items():
             tb.add_scalar(f"eval/{split}/{k}", v, step)
@@ -524,6 +621,25 @@ def format_table(r: dict) -> str:
                 "decode",
                 f"{d['tokens_per_s']:,.1f} tokens/s at batch {d['batch']}, context "
                 f"{d['context']:,} ({d['ms_per_step']:.2f} ms/step, {d['new_tokens']} steps)",
+            )
+        )
+    for m in r.get("mtp") or []:
+        rows.append(
+            (
+                f"MTP depth {m['depth']}",
+                f"loss {m['loss']:.4f} (predicting t+{m['depth'] + 1}), top-1 agreement with the "
+                f"main model {100 * m['agreement']:.1f}% ({m['positions']:,} positions)",
+            )
+        )
+    for sp in r.get("speculative") or []:
+        rows.append(
+            (
+                f"speculative, batch {sp['batch']}",
+                f"{sp['speculative_tokens_per_s']:,.1f} vs {sp['plain_tokens_per_s']:,.1f} tokens/s "
+                f"plain ({sp['speedup']:.2f}x), {100 * sp['acceptance_rate']:.1f}% of drafts accepted, "
+                f"{sp['tokens_per_step']:.2f} tokens per pass; greedy, {sp['prompt_tokens']}-token "
+                f"prompts + {sp['new_tokens']} tokens, "
+                f"{'output identical' if sp['identical'] else 'OUTPUT DIFFERS FROM PLAIN DECODING'}",
             )
         )
     width = max(len(k) for k, _ in rows)

@@ -15,6 +15,12 @@ Layout notes:
     stores rope features interleaved (pairs (2i, 2i+1)) and declares
     ``rope_interleave: true``; the rope rows of W_q and W_kva are permuted on the way in
     and out, which leaves every attention score unchanged.
+  * Multi-token prediction (``model.mtp_depth`` = D): as in DeepSeek-V3's checkpoints,
+    depth k is decoder layer ``num_hidden_layers + k - 1`` with ``enorm``, ``hnorm``,
+    ``eh_proj``, the block's usual keys, and copies of the embedding (``embed_tokens``),
+    final norm (``shared_head.norm``) and head (``shared_head.head``);
+    ``num_nextn_predict_layers: D`` in config.json.  vLLM and SGLang speculate with it;
+    transformers ignores it (see :func:`_mtp_copies`).
   * Before any parameter is allocated, :func:`from_pretrained` compares every tensor
     shape config.json implies with the safetensors headers (which hold the shapes; no
     tensor data is read), so a config that does not describe its tensors fails in
@@ -52,8 +58,11 @@ from mlalm.errors import CheckpointError, ConfigError
 _TOPK_METHODS = ("noaux_tc", "greedy")
 
 
-def config_from_hf(hf: dict, base: Config | None = None) -> Config:
-    """mlalm Config for a transformers DeepSeek-V3 ``config.json`` dict."""
+def config_from_hf(hf: dict, base: Config | None = None, *, mtp_depth: int | None = None) -> Config:
+    """mlalm Config for a transformers DeepSeek-V3 ``config.json`` dict.
+
+    ``mtp_depth``: model.mtp_depth (default: config.json's ``num_nextn_predict_layers``).
+    """
     if hf.get("model_type", "deepseek_v3") not in ("deepseek_v3",):
         raise ConfigError(f"config.json: model_type {hf.get('model_type')!r} is not deepseek_v3")
     if hf.get("hidden_act", "silu") != "silu":
@@ -109,6 +118,7 @@ def config_from_hf(hf: dict, base: Config | None = None) -> Config:
             norm_eps=hf.get("rms_norm_eps", 1e-6),
             tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
             rope_theta=float(theta),
+            mtp_depth=(hf.get("num_nextn_predict_layers") or 0) if mtp_depth is None else mtp_depth,
         ),
         "attention": dict(
             kind="mla",
@@ -206,11 +216,12 @@ def config_to_hf(
         "num_attention_heads": a.n_heads,
         "num_key_value_heads": a.n_heads,
         # a dense-only model declares one placeholder expert that no layer uses
-        # (first_k_dense_replace = every layer)
+        # (first_k_dense_replace = every layer, the MTP layers included: engines build
+        # layer i as MoE when i >= first_k_dense_replace)
         "n_shared_experts": e.n_shared_experts if not dense_only else 1,
         "n_routed_experts": e.n_routed_experts if not dense_only else 1,
         "num_experts_per_tok": e.top_k if not dense_only else 1,
-        "first_k_dense_replace": m.n_layers if dense_only else e.first_k_dense_replace,
+        "first_k_dense_replace": m.n_layers + m.mtp_depth if dense_only else e.first_k_dense_replace,
         "moe_layer_freq": 1,
         "scoring_func": e.scoring,
         "topk_method": _topk_method(cfg, routing_bias),
@@ -233,7 +244,9 @@ def config_to_hf(
         "tie_word_embeddings": m.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "num_nextn_predict_layers": 0,
+        # the MTP modules, read by vLLM and SGLang for speculative decoding (transformers
+        # ignores the key and the layers past num_hidden_layers)
+        "num_nextn_predict_layers": m.mtp_depth,
         "torch_dtype": m.param_dtype,  # older readers; transformers >= 4.56 reads dtype
         "dtype": m.param_dtype,
         "use_cache": True,
@@ -321,13 +334,9 @@ def _mapping(cfg: Config, interleave: bool, *, routing_bias: bool = True):
     def same(key, shape):
         return (lambda w: {key: np.asarray(w)}), (lambda get: get(key)), fixed(key, shape)
 
-    yield ("",), "embed_VD", *same("model.embed_tokens.weight", (V, D))
-    yield ("final_norm",), "scale", *same("model.norm.weight", (D,))
-    if not m.tie_embeddings:
-        yield ("",), "head_DV", *linear("lm_head.weight", (V, D))
-    for i in range(m.n_layers):
+    def layer(i, blk):
+        """The keys of decoder layer i, read into the Block at module path ``blk``."""
         p = f"model.layers.{i}."
-        blk = ("blocks", i)
         yield blk + ("attn_norm",), "scale", *same(p + "input_layernorm.weight", (D,))
         yield blk + ("ffn_norm",), "scale", *same(p + "post_attention_layernorm.weight", (D,))
         at = blk + ("attn",)
@@ -370,6 +379,56 @@ def _mapping(cfg: Config, interleave: bool, *, routing_bias: bool = True):
                 )
         else:
             yield from _swiglu_entries(ff, p + "mlp.", m.ffn_dim, D, linear, out_proj)
+
+    yield ("",), "embed_VD", *same("model.embed_tokens.weight", (V, D))
+    yield ("final_norm",), "scale", *same("model.norm.weight", (D,))
+    if not m.tie_embeddings:
+        yield ("",), "head_DV", *linear("lm_head.weight", (V, D))
+    for i in range(m.n_layers):
+        yield from layer(i, ("blocks", i))
+    # MTP depth k is decoder layer n_layers + k - 1 with its own enorm, hnorm and eh_proj
+    # (and copies of the shared tensors: _mtp_copies), as in DeepSeek-V3's checkpoints
+    for k in range(m.mtp_depth):
+        p, mod = f"model.layers.{m.n_layers + k}.", ("mtp", k)
+        yield mod + ("enorm",), "scale", *same(p + "enorm.weight", (D,))
+        yield mod + ("hnorm",), "scale", *same(p + "hnorm.weight", (D,))
+        # eh_proj is Linear(2D, D) applied to cat([enorm(emb), hnorm(h)]): its input
+        # columns are the embedding half, then the hidden half -- mlalm's [2, D_in, D_out]
+        # (see _mtp_copies for the references)
+        key = p + "eh_proj.weight"
+        yield (
+            mod,
+            "eh_proj_2DD",
+            lambda w, key=key: {key: np.asarray(w).reshape(2 * D, D).T},
+            lambda get, key=key: get(key).T.reshape(2, D, D),
+            fixed(key, (D, 2 * D)),
+        )
+        yield from layer(m.n_layers + k, mod + ("block",))
+
+
+def _mtp_copies(cfg: Config):
+    """Yield (key, module path, attribute, to_hf(array) -> array) for the tensors an MTP
+    layer of a DeepSeek-V3 checkpoint carries although they are the main model's:
+    ``embed_tokens``, ``shared_head.norm`` (the final norm) and ``shared_head.head`` (the
+    LM head), written as copies and on reading required to equal the main tensors.
+
+    Checked against vLLM (vllm-project/vllm, vllm/model_executor/models/deepseek_mtp.py:
+    layers num_hidden_layers .. + num_nextn_predict_layers - 1 holding enorm, hnorm,
+    eh_proj = Linear(2 * hidden, hidden) applied to ``torch.cat([enorm(embeds),
+    hnorm(previous_hidden_states)])``, shared_head.norm and shared_head.head, embed_tokens,
+    the decoder layer's usual keys) and SGLang (sgl-project/sglang,
+    python/sglang/srt/models/deepseek_nextn.py: ``eh_proj(torch.cat((enorm(embeds),
+    hnorm(hidden_states))))``, logits from shared_head.norm then the head).
+    """
+    m = cfg.model
+    for k in range(m.mtp_depth):
+        p = f"model.layers.{m.n_layers + k}."
+        yield p + "embed_tokens.weight", ("",), "embed_VD", np.asarray
+        yield p + "shared_head.norm.weight", ("final_norm",), "scale", np.asarray
+        if m.tie_embeddings:
+            yield p + "shared_head.head.weight", ("",), "embed_VD", np.asarray
+        else:
+            yield p + "shared_head.head.weight", ("",), "head_DV", lambda w: np.asarray(w).T
 
 
 def _swiglu_entries(path, prefix, F, D, linear, out_proj):
@@ -480,22 +539,32 @@ class _Tensors:
         return self.handles[self.key_file[key]].get_tensor(key)
 
 
+def _expected_shapes(tensors: _Tensors, cfg: Config, interleave: bool, routing_bias: bool) -> dict:
+    """{key: shape} of every tensor ``cfg`` reads (the MTP layers' copies included)."""
+    m = cfg.model
+    shapes = {}
+    for *_, hf_shapes in _mapping(cfg, interleave, routing_bias=routing_bias):
+        shapes.update(hf_shapes(tensors.has))
+    for key, *_ in _mtp_copies(cfg):
+        shapes[key] = (m.d_model,) if key.endswith("shared_head.norm.weight") else (m.vocab_size, m.d_model)
+    return shapes
+
+
 def check_shapes(
     tensors: _Tensors, cfg: Config, *, interleave: bool = True, routing_bias: bool = True
 ) -> None:
     """CheckpointError naming the first tensor whose header shape is not the one ``cfg``
     implies (or that is missing); reads the safetensors headers only."""
-    for _, _, _, _, hf_shapes in _mapping(cfg, interleave, routing_bias=routing_bias):
-        for key, expected in hf_shapes(tensors.has).items():
-            found = tensors.shape(key)
-            if found != tuple(expected):
-                raise CheckpointError(
-                    f"{tensors.path}: tensor '{key}' has shape {list(found)} in "
-                    f"{tensors.key_file[key]}, config.json implies {list(expected)}"
-                )
+    for key, expected in _expected_shapes(tensors, cfg, interleave, routing_bias).items():
+        found = tensors.shape(key)
+        if found != tuple(expected):
+            raise CheckpointError(
+                f"{tensors.path}: tensor '{key}' has shape {list(found)} in "
+                f"{tensors.key_file[key]}, config.json implies {list(expected)}"
+            )
 
 
-def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None = None):
+def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None = None, mtp: bool = True):
     """Load a transformers DeepSeek-V3 directory into an mlalm model.
 
     Every tensor shape is checked against config.json (from the safetensors headers)
@@ -505,6 +574,13 @@ def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None 
         path: directory with config.json and *.safetensors.
         base: optional Config whose non-model sections (train, optim, ...) are kept.
         dtype: parameter dtype ('float32' or 'bfloat16'); default the file's or float32.
+        mtp: read the ``num_nextn_predict_layers`` MTP layers (model.mtp_depth); False
+            loads the main model only.  Files that declare MTP layers but hold no tensor
+            of them (what transformers saves, and many published DeepSeek-V3 derivatives)
+            load as the main model; a partly present MTP layer is a CheckpointError
+            naming the missing tensor.  The copies an MTP layer carries of the
+            embedding, final norm and head must equal the main model's (mlalm shares
+            them), else CheckpointError.
 
     Returns:
         (model, cfg)
@@ -516,14 +592,18 @@ def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None 
         raise CheckpointError(f"{path}: no config.json (is this a transformers checkpoint directory?)")
     with open(cfg_path) as f:
         hf_cfg = json.load(f)
-    cfg = config_from_hf(hf_cfg, base)
+    tensors = _Tensors(path)
+    depth = (hf_cfg.get("num_nextn_predict_layers") or 0) if mtp else 0
+    prefix = f"model.layers.{hf_cfg.get('num_hidden_layers', 0)}."
+    if depth and not any(k.startswith(prefix) for k in tensors.key_file):
+        depth = 0  # declared but not saved (transformers writes no MTP layer): the main model
+    cfg = config_from_hf(hf_cfg, base, mtp_depth=depth)
     file_dtype = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
     pd = dtype or ("bfloat16" if file_dtype == "bfloat16" else "float32")
     cfg = replace(cfg, model=replace(cfg.model, param_dtype=pd))
     interleave = bool(hf_cfg.get("rope_interleave", True))
     # greedy routing has no correction bias: a file written so carries none (zeros)
     routing_bias = (hf_cfg.get("topk_method") or "noaux_tc") == "noaux_tc"
-    tensors = _Tensors(path)
     check_shapes(tensors, cfg, interleave=interleave, routing_bias=routing_bias)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     for mpath, attr, _, from_hf, _ in _mapping(cfg, interleave, routing_bias=routing_bias):
@@ -535,6 +615,15 @@ def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None 
                 f"{value.shape}, the config implies {var[...].shape}"
             )
         var.set_value(jnp.asarray(value, dtype=var[...].dtype))
+    for key, mpath, attr, to_hf in _mtp_copies(cfg):
+        main = to_hf(np.asarray(getattr(_module_at(model, mpath), attr)[...], dtype=np.float32))
+        if not np.array_equal(np.asarray(tensors(key), dtype=np.float32), main):
+            raise CheckpointError(
+                f"{path}: tensor '{key}' differs from the main model's {attr} "
+                f"({'.'.join(p for p in mpath if p) or 'model'}): mlalm's MTP modules share the "
+                f"embedding, final norm and head with the main model; load with mtp=False to "
+                f"read the main model only"
+            )
     return model, cfg
 
 
@@ -610,6 +699,9 @@ def save_pretrained(
         for k, v in to_hf(value).items():
             keep32 = k.endswith("e_score_correction_bias")  # transformers keeps it in float32
             tensors[k] = np.ascontiguousarray(v.astype(np.float32 if keep32 else np_dtype))
+    for k, mpath, attr, to_hf in _mtp_copies(cfg):
+        value = np.asarray(getattr(_module_at(model, mpath), attr)[...], dtype=np.float32)
+        tensors[k] = np.ascontiguousarray(to_hf(value).astype(np_dtype))
     os.makedirs(path, exist_ok=True)
     tmp = os.path.join(path, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})

@@ -43,9 +43,9 @@ import json
 import sys
 
 try:
-    from lm_eval.api.model import TemplateLM
-    from lm_eval.api.registry import register_model
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    from lm_eval.api.model import TemplateLM  # pyright: ignore[reportMissingImports]
+    from lm_eval.api.registry import register_model  # pyright: ignore[reportMissingImports]
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # pyright: ignore[reportMissingImports]
 except ImportError as e:  # pragma: no cover - exercised only without the extra
     if __name__ == "__main__":
         print('error: mlalm.lm_eval needs lm-eval: pip install -e ".[lm-eval]"', file=sys.stderr)
@@ -252,7 +252,7 @@ class MlalmLM(TemplateLM):
 def main(argv=None) -> int:
     """lm-eval's command line with the ``mlalm`` model registered (``--model mlalm`` is
     added when no ``--model`` is given)."""
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # pyright: ignore[reportMissingImports]
 
     from mlalm.cli import run_command
 

@@ -134,6 +134,15 @@ def validate(cfg) -> None:
             raise ConfigError(f"train.{key} must be >= 0 (0: the whole split), got {getattr(t, key)}")
     if t.max_consecutive_skips < 1:
         raise ConfigError(f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+    if m.mtp_depth < 0:
+        raise ConfigError(f"model.mtp_depth must be >= 0 (0: no multi-token prediction), got {m.mtp_depth}")
+    if m.mtp_depth >= t.seq_len:
+        raise ConfigError(
+            f"model.mtp_depth={m.mtp_depth} leaves no position to predict in train.seq_len={t.seq_len} "
+            f"tokens: depth k predicts the token k + 1 ahead, so it must be below train.seq_len"
+        )
+    if t.mtp_loss_weight < 0:
+        raise ConfigError(f"train.mtp_loss_weight must be >= 0, got {t.mtp_loss_weight}")
     if t.loss_chunk < 0:
         raise ConfigError(f"train.loss_chunk must be >= 0 (0: plain logits), got {t.loss_chunk}")
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep < 1:

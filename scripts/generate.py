@@ -7,7 +7,14 @@
 
 One prompt: its completion is printed as the tokens arrive.  Several: they are decoded
 in one batch and each prompt + completion is printed at the end.  MLA models decode
-with the latent cache and weight absorption unless --no-absorb is given.
+with the latent cache and weight absorption unless --no-absorb is given.  stdout carries
+only the text; the timing line (tokens/s, and with --speculative the acceptance rate of
+the drafts) goes to stderr.
+
+--speculative (models trained with model.mtp_depth >= 1): self-speculative decoding, the
+multi-token prediction modules draft the next tokens and the model verifies them in one
+pass; greedy output is identical to plain decoding, sampled output has the same
+distribution.  On a model without MTP it is an error (exit status 2).
 
 A prompt and its completion must fit in the model's context (model.max_seq_len
 tokens): a --max-new-tokens that does not fit is lowered to what fits, with a warning
@@ -45,6 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--speculative",
+        action="store_true",
+        help="draft with the model's MTP modules and verify (needs model.mtp_depth >= 1)",
+    )
+    p.add_argument(
         "--no-absorb",
         action="store_true",
         help="MLA: cache expanded per-head keys/values instead of the latent",
@@ -75,14 +87,24 @@ def fit_max_new_tokens(model, tokenizer, prompts, max_new_tokens: int) -> int:
 
 def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
     """Generate for ``args.prompt`` and print to ``out`` (streaming a single prompt)."""
+    from mlalm.errors import ConfigError
     from mlalm.generate import generate_text
 
+    speculative = getattr(args, "speculative", False)
+    if speculative and not model.mtp_depth:
+        raise ConfigError(
+            "--speculative drafts with the model's multi-token prediction modules, and this "
+            "model has none (model.mtp_depth=0); train with model.mtp_depth=1 or drop --speculative"
+        )
+    stats: dict = {}
     kw = dict(
         temperature=args.temperature,
         top_k=args.top_k,
         top_p=args.top_p,
         seed=args.seed,
         absorbed=not args.no_absorb,
+        speculative=speculative,
+        stats=stats,
     )
     max_new_tokens = fit_max_new_tokens(model, tokenizer, args.prompt, args.max_new_tokens)
     single = len(args.prompt) == 1
@@ -104,11 +126,17 @@ def run(model, tokenizer, args, out=sys.stdout) -> list[str]:
         for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
             out.write(f"--- [{i}] ---\n{prompt}{text}\n")
     out.flush()
-    print(
+    line = (
         f"[{len(args.prompt)} prompt(s), up to {max_new_tokens} new tokens each, "
-        f"{seconds:.2f} s including compilation]",
-        file=sys.stderr,
+        f"{seconds:.2f} s including compilation, {stats['new_tokens']} tokens, "
+        f"{stats['new_tokens'] / max(seconds, 1e-9):.1f} tokens/s"
     )
+    if speculative:
+        line += (
+            f", speculative: {100 * stats['acceptance_rate']:.1f}% of {stats['drafted']} drafts "
+            f"accepted, {stats['tokens_per_step']:.2f} tokens per verification"
+        )
+    print(line + "]", file=sys.stderr)
     return texts
 
 

@@ -12,6 +12,7 @@ from mlalm.config import Config, ConfigError
 from mlalm.model.attention import make_attention
 from mlalm.model.layers import DTYPES, RMSNorm, SwiGLU, linear, param, rope_tables
 from mlalm.model.moe import MoE, balance_bias_update
+from mlalm.model.mtp import MTPModule, shift_tokens
 
 
 class Block(nnx.Module):
@@ -88,6 +89,10 @@ class Transformer(nnx.Module):
     per-expert token counts ``expert_load`` [L_moe, E] and the summed sequence-wise
     ``balance_loss`` (zeros when the model has no MoE layer), and each layer's largest
     attention logit per head ``attn_max_logit`` [L, N].
+
+    With ``model.mtp_depth`` = D > 0 the model also holds D multi-token prediction
+    modules (``mlalm.model.mtp``), run by :meth:`hidden_mtp` (training) and
+    :meth:`mtp_cached` (speculative decoding); the plain forward pass never runs them.
     """
 
     def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
@@ -123,6 +128,24 @@ class Transformer(nnx.Module):
         self.dtype = dt
         a = cfg.attention
         self.rope_dim = a.qk_rope_head_dim if a.kind == "mla" else a.head_dim
+        # built last, so that a model's main weights are the same with and without MTP
+        # for a given seed
+        self.mtp_depth = m.mtp_depth
+        if m.mtp_depth:
+            self.mtp = nnx.List(
+                [
+                    MTPModule(
+                        m.d_model,
+                        Block(cfg, m.n_layers + k, rngs=rngs),
+                        eps=m.norm_eps,
+                        std=m.init_std,
+                        dtype=dt,
+                        param_dtype=pd,
+                        rngs=rngs,
+                    )
+                    for k in range(m.mtp_depth)
+                ]
+            )
 
     def __call__(self, tokens_BT, *, positions_BT=None, return_aux: bool = False):
         h, aux = self.hidden(tokens_BT, positions_BT=positions_BT)
@@ -131,39 +154,58 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens_BT, *, positions_BT=None):
         """(h_BTD after the final norm, aux) -- what :meth:`logits` or the fused loss
-        (``mlalm.model.loss``) turn into logits."""
+        (``mlalm.model.loss``) turn into logits.  The MTP modules are not run."""
+        x, aux, _ = self._trunk(tokens_BT, positions_BT, self.blocks)
+        return self.final_norm(x), aux
+
+    def hidden_mtp(self, tokens_BT, *, positions_BT=None):
+        """The main model and the MTP modules (``mlalm.model.mtp``).
+
+        Returns:
+            (h_BTD after the final norm, [h^k_BTD after the final norm for k = 1..D], aux)
+            where depth k's position i predicts t_{i+k+1} (valid for i < T - k) and aux
+            covers the blocks of both: ``expert_load`` [L_moe + D_moe, E], the summed
+            ``balance_loss``, ``attn_max_logit`` [L + D, N] (the MTP blocks last).
+        """
+        x, aux, (cos, sin) = self._trunk(tokens_BT, positions_BT, self.blocks)
+        embed = self.embed_VD[...].astype(self.dtype)
+        h, out, extra = x, [], []
+        for k, module in enumerate(self.mtp_modules(), start=1):
+            h, max_logit, moe_aux = module(h, embed[shift_tokens(tokens_BT, k)], cos, sin)
+            out.append(self.final_norm(h))
+            extra.append((max_logit, moe_aux))
+        return self.final_norm(x), out, _merge_aux(aux, extra, self.cfg)
+
+    def _trunk(self, tokens_BT, positions_BT, blocks):
+        """Embedding and ``blocks``: (x_BTD before the final norm, aux, (cos, sin))."""
         B, T = tokens_BT.shape
         if positions_BT is None:
             positions_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         cos, sin = rope_tables(positions_BT, self.rope_dim, self.cfg.model.rope_theta)
         with jax.named_scope("embed"):
             x = self.embed_VD[...].astype(self.dtype)[tokens_BT]
-        loads, balance, max_logits = [], jnp.zeros((), jnp.float32), []
-        for block in self.blocks:
+        extra = []
+        for block in blocks:
             x, max_logit, aux = block(x, cos, sin)
-            max_logits.append(max_logit)
-            if aux is not None:
-                loads.append(aux["load"])
-                balance = balance + aux["balance_loss"]
-        E = max(self.cfg.moe.n_routed_experts, 1)
-        load = jnp.stack(loads) if loads else jnp.zeros((0, E), jnp.float32)
-        return self.final_norm(x), {
-            "expert_load": load,
-            "balance_loss": balance,
-            "attn_max_logit": jnp.stack(max_logits),
-        }
+            extra.append((max_logit, aux))
+        return x, _merge_aux(None, extra, self.cfg), (cos, sin)
+
+    def mtp_modules(self) -> list:
+        """The D MTP modules (empty without MTP)."""
+        return list(self.mtp) if self.mtp_depth else []
 
     def init_cache_layers(self, batch: int, max_len: int, dtype, *, absorbed: bool = True) -> list:
         """One zeroed cache dict per layer (layouts in ``mlalm.model.attention``)."""
         return [b.attn.init_cache(batch, max_len, dtype, absorbed) for b in self.blocks]
 
-    def forward_cached(self, tokens_BT, positions_BT, caches: list):
+    def forward_cached(self, tokens_BT, positions_BT, caches: list, *, pre_norm: bool = False):
         """Run T new tokens per row at their true positions over the per-layer caches.
 
         Args:
             tokens_BT: int tokens; positions_BT: their positions (RoPE angles and cache
                 slots); query (b, t) attends the slots s <= positions_BT[b, t].
             caches: per-layer cache dicts from :meth:`init_cache_layers`.
+            pre_norm: return h before the final norm (the MTP modules' input h^0).
         Returns:
             (h_BTD after the final norm; apply :meth:`logits`), the updated caches.
         """
@@ -173,7 +215,18 @@ class Transformer(nnx.Module):
         for block, cache in zip(self.blocks, caches):
             x, cache = block.forward_cached(x, cos, sin, cache, positions_BT)
             new.append(cache)
-        return self.final_norm(x), new
+        return (x if pre_norm else self.final_norm(x)), new
+
+    def init_cache_mtp(self, batch: int, max_len: int, dtype, *, absorbed: bool = True) -> list:
+        """One zeroed cache dict per MTP depth (the layouts of :meth:`init_cache_layers`)."""
+        return [m.block.attn.init_cache(batch, max_len, dtype, absorbed) for m in self.mtp_modules()]
+
+    def mtp_cached(self, k: int, h_prev_BTD, tokens_BT, positions_BT, cache: dict):
+        """MTP depth k (1-based) over its cache: h_prev = h^{k-1} at ``positions_BT``,
+        ``tokens_BT`` = t_{p+k} there.  Returns (h^k_BTD before the final norm, new cache)."""
+        cos, sin = rope_tables(positions_BT, self.rope_dim, self.cfg.model.rope_theta)
+        emb = self.embed_VD[...].astype(self.dtype)[tokens_BT]
+        return self.mtp_modules()[k - 1].forward_cached(h_prev_BTD, emb, cos, sin, cache, positions_BT)
 
     def head_weight(self):
         """The LM head w_DV in the compute dtype (tied: the embedding's transpose)."""
@@ -190,16 +243,37 @@ class Transformer(nnx.Module):
         """QK-clip (MuonClip, Kimi K2): where a head's largest logit exceeds tau, shrink its
         query/key weights by gamma = tau / max_logit so that its logits come back to tau."""
         gamma = jnp.minimum(1.0, tau / jnp.maximum(max_logit_LN, 1e-6))
-        for i, block in enumerate(self.blocks):
+        for i, block in enumerate(self.all_blocks()):  # rows: the L blocks, then the D MTP blocks
             block.attn.clip_qk(gamma[i])
 
+    def all_blocks(self) -> list:
+        """The main model's blocks, then the MTP modules' (the order of ``attn_max_logit``)."""
+        return list(self.blocks) + [m.block for m in self.mtp_modules()]
+
     def moe_layers(self) -> list:
-        return [b.ffn for b in self.blocks if b.is_moe]
+        """MoE FFNs of :meth:`all_blocks` (the rows of ``expert_load``)."""
+        return [b.ffn for b in self.all_blocks() if b.is_moe]
 
     def update_balance_biases(self, expert_load_LE, rate: float) -> None:
         """Apply :func:`balance_bias_update` to every MoE layer (in place)."""
         for i, moe in enumerate(self.moe_layers()):
             moe.bias_E.set_value(balance_bias_update(moe.bias_E[...], expert_load_LE[i], rate))
+
+
+def _merge_aux(aux, extra, cfg: Config) -> dict:
+    """aux of blocks (``extra``: (max_logit, MoE aux or None) each) appended to ``aux``."""
+    loads = [a["load"] for _, a in extra if a is not None]
+    balance = sum((a["balance_loss"] for _, a in extra if a is not None), jnp.zeros((), jnp.float32))
+    E = max(cfg.moe.n_routed_experts, 1)
+    load = jnp.stack(loads) if loads else jnp.zeros((0, E), jnp.float32)
+    max_logit = jnp.stack([m for m, _ in extra]) if extra else jnp.zeros((0, cfg.attention.n_heads))
+    if aux is None:
+        return {"expert_load": load, "balance_loss": balance, "attn_max_logit": max_logit}
+    return {
+        "expert_load": jnp.concatenate([aux["expert_load"], load]),
+        "balance_loss": aux["balance_loss"] + balance,
+        "attn_max_logit": jnp.concatenate([aux["attn_max_logit"], max_logit]),
+    }
 
 
 def count_params(model: Transformer, *, active: bool = False) -> int:

@@ -121,6 +121,13 @@ class StepReporter:
             record["balance_loss"] = scalars["train/balance_loss"] = float(m["balance_loss"])
         if self.extra is not None:
             record.update(self.extra())
+        if "mtp_loss" in m:  # multi-token prediction: the main head's loss and each depth's
+            record["main_loss"] = scalars["train/main_loss"] = float(m["nll"])
+            record["mtp_loss"] = [float(x) for x in m["mtp_loss"]]
+            for k, x in enumerate(record["mtp_loss"], start=1):
+                scalars[f"train/mtp_loss/depth{k}"] = x
+        # one entry per block: the model's layers, then the MTP modules' (DeepSeek's layer
+        # numbering: the MTP block of depth k is layer n_layers + k - 1)
         record["attn_max_logit"] = [round(float(x), 3) for x in m["attn_max_logit"]]
         for i, x in enumerate(record["attn_max_logit"]):
             scalars[f"attn/max_logit/layer{i}"] = x

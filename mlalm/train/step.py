@@ -21,56 +21,87 @@ from flax import nnx
 
 from mlalm.config import Config
 from mlalm.model.loss import lm_head_cross_entropy
+from mlalm.model.mtp import mtp_cross_entropy
 from mlalm.train.state import TrainState, split_model
 
 
-def lm_loss(graphdef, params, rest, tokens_BT1, aux_coef: float, loss_chunk: int = 0):
-    """Mean next-token cross-entropy (float32) + aux_coef · sequence-wise balance loss.
+def lm_loss(
+    graphdef, params, rest, tokens_BT1, aux_coef: float, loss_chunk: int = 0, mtp_weight: float = 0.0
+):
+    """Mean next-token cross-entropy (float32) + aux_coef · sequence-wise balance loss,
+    + mtp_weight / D · Σ_k L_k with multi-token prediction (``model.mtp_depth`` = D > 0).
 
     ``loss_chunk`` > 0: the LM head and cross-entropy fused in chunks of about that many
-    tokens (``mlalm.model.loss``; never materialises the logits); 0: plain logits + optax.
-    Returns ``(loss, (nll, aux))``.
+    tokens (``mlalm.model.loss``; never materialises the logits), for the MTP depths too;
+    0: plain logits + optax.  L_k is depth k's mean NLL of t_{i+k+1} over the T - k
+    positions whose target lies in the window (``mlalm.model.mtp.mtp_cross_entropy``).
+    Returns ``(loss, (nll, aux))``; with MTP, ``aux['mtp_nll']`` holds [L_1, ..., L_D].
     """
     model = nnx.merge(graphdef, params, rest)
-    h, aux = model.hidden(tokens_BT1[:, :-1])
-    labels = tokens_BT1[:, 1:]
+    inputs, labels = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
+    if not model.mtp_depth:
+        h, aux = model.hidden(inputs)
+        mtp_h = []
+    else:
+        h, mtp_h, aux = model.hidden_mtp(inputs)
+    w = model.head_weight()
     if loss_chunk:
-        nll = lm_head_cross_entropy(h, model.head_weight(), labels, chunk_tokens=loss_chunk)
+        nll = lm_head_cross_entropy(h, w, labels, chunk_tokens=loss_chunk)
     else:
         nll = optax.softmax_cross_entropy_with_integer_labels(model.logits(h), labels).mean()
-    return nll + aux_coef * aux["balance_loss"], (nll, aux)
+    loss = nll + aux_coef * aux["balance_loss"]
+    if mtp_h:
+        with jax.named_scope("mtp_loss"):
+            mtp_nll = jnp.stack(
+                [
+                    mtp_cross_entropy(hk, w, labels, k, chunk_tokens=loss_chunk)
+                    for k, hk in enumerate(mtp_h, 1)
+                ]
+            )
+        loss = loss + mtp_weight / len(mtp_h) * jnp.sum(mtp_nll)
+        aux = {**aux, "mtp_nll": mtp_nll}
+    return loss, (nll, aux)
 
 
 def _load_shape(cfg: Config) -> tuple[int, int]:
-    n_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.model.n_layers))
+    """expert_load's shape: the MoE layers of the main model, then those of the MTP modules."""
+    n_layers = cfg.model.n_layers + cfg.model.mtp_depth
+    n_moe = sum(cfg.is_moe_layer(i) for i in range(n_layers))
     return (n_moe, max(cfg.moe.n_routed_experts, 1))
 
 
-def _loss_and_grads(grad_fn, params, rest, batch, cfg: Config):
-    """Gradients of the mean loss over ``train.grad_accum`` micro-batches of ``batch``."""
+# how each per-micro-batch figure combines over gradient accumulation
+_SUMMED = ("loss", "nll", "balance_loss", "mtp_nll", "grads")  # then divided by the count
+_ADDED = ("expert_load",)  # token counts: added
+_MAXED = ("attn_max_logit",)
+
+
+def _loss_and_grads(grad_fn, params, rest, batch, cfg: Config) -> dict:
+    """Loss figures and gradients of the mean loss over ``train.grad_accum`` micro-batches
+    of ``batch``: {'loss', 'nll', 'expert_load', 'balance_loss', 'attn_max_logit',
+    'grads'} and 'mtp_nll' with MTP."""
+
+    def one(mb):
+        (l, (n, a)), g = grad_fn(params, rest, mb)
+        return {"loss": l, "nll": n, "grads": g, **a}
+
     accum = cfg.train.grad_accum
     if accum == 1:
-        (loss, (nll, aux)), grads = grad_fn(params, rest, batch)
-        return loss, nll, aux["expert_load"], aux["balance_loss"], aux["attn_max_logit"], grads
+        return one(batch)
     micro = batch.reshape((accum, -1) + batch.shape[1:])
 
     def body(carry, mb):
-        (l, (n, a)), g = grad_fn(params, rest, mb)
-        summed = jax.tree.map(jnp.add, carry[:5], (l, n, a["expert_load"], a["balance_loss"], g))
-        return summed + (jnp.maximum(carry[5], a["attn_max_logit"]),), None
+        out = one(mb)
+        combine = lambda k: jnp.maximum if k in _MAXED else jnp.add  # noqa: E731
+        return {k: jax.tree.map(combine(k), carry[k], v) for k, v in out.items()}, None
 
-    zero = jnp.zeros((), jnp.float32)
-    init = (
-        zero,
-        zero,
-        jnp.zeros(_load_shape(cfg), jnp.float32),
-        zero,
-        jax.tree.map(jnp.zeros_like, params),
-        jnp.full((cfg.model.n_layers, cfg.attention.n_heads), -jnp.inf, jnp.float32),
-    )
-    (loss, nll, load, balance, grads, max_logit), _ = jax.lax.scan(body, init, micro)
-    grads = jax.tree.map(lambda g: g / accum, grads)
-    return loss / accum, nll / accum, load, balance / accum, max_logit, grads
+    shapes = jax.eval_shape(one, micro[0])
+    init = {
+        k: jax.tree.map(lambda x: jnp.full(x.shape, -jnp.inf if k in _MAXED else 0, x.dtype), v)
+        for k, v in shapes.items()
+    }
+    total, _ = jax.lax.scan(body, init, micro)
+    return {k: jax.tree.map(lambda x: x / accum, v) if k in _SUMMED else v for k, v in total.items()}
 
 
 def make_train_step(graphdef, tx, schedule, cfg: Config, placement=None):
@@ -80,13 +111,15 @@ def make_train_step(graphdef, tx, schedule, cfg: Config, placement=None):
     shardings as in/out shardings; None: single device.
     """
     coef, rate = cfg.moe.seq_aux_loss_coef, cfg.moe.bias_update_rate
+    t = cfg.train
     grad_fn = jax.value_and_grad(
-        lambda p, r, b: lm_loss(graphdef, p, r, b, coef, cfg.train.loss_chunk), has_aux=True
+        lambda p, r, b: lm_loss(graphdef, p, r, b, coef, t.loss_chunk, t.mtp_loss_weight), has_aux=True
     )
 
     def step(state: TrainState, batch):
         params, rest = state.params, state.rest
-        loss, nll, load, balance, max_logit, grads = _loss_and_grads(grad_fn, params, rest, batch, cfg)
+        out = _loss_and_grads(grad_fn, params, rest, batch, cfg)
+        loss, grads, load, max_logit = out["loss"], out["grads"], out["expert_load"], out["attn_max_logit"]
         grad_norm = optax.tree_utils.tree_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -114,15 +147,17 @@ def make_train_step(graphdef, tx, schedule, cfg: Config, placement=None):
         new_state = TrainState(params=new_params, opt_state=opt_state, rest=new_rest, step=state.step + 1)
         metrics = {
             "loss": loss,
-            "nll": nll,
+            "nll": out["nll"],
             "grad_norm": grad_norm,
             "lr": schedule(state.step),
-            "balance_loss": balance,
+            "balance_loss": out["balance_loss"],
             "expert_load": load,
             "finite": finite,
             "applied": applied,
-            "attn_max_logit": jnp.max(max_logit, axis=1),
+            "attn_max_logit": jnp.max(max_logit, axis=1),  # [L + D]: the MTP blocks last
         }
+        if "mtp_nll" in out:
+            metrics["mtp_loss"] = out["mtp_nll"]  # [D]: depth k's mean NLL
         return new_state, metrics
 
     if placement is None:
