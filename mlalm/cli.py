@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+DEFAULT_BUDGET = "1GiB"  # eval.py --memory-budget
+
 
 def _quiet_background_noise() -> None:
     """Keep a failed checkpoint save to its one error line.  When a write fails (a full
@@ -153,9 +155,9 @@ def _eval_args(argv=None):
     )
     p.add_argument(
         "--memory-budget",
-        default="1GiB",
+        default=DEFAULT_BUDGET,
         help="bytes (e.g. 8GiB, 1.5GB) for the longest context whose KV cache fits, "
-        "at batch 1, cache only (default 1GiB)",
+        f"at batch 1, cache only (default {DEFAULT_BUDGET})",
     )
     p.add_argument(
         "--no-decode",
@@ -180,14 +182,14 @@ def eval_main(argv=None) -> int:
         import json
 
         from mlalm.errors import CheckpointError, DataError
-        from mlalm.evaluate import (
-            evaluate_checkpoint,
+        from mlalm.eval_report import (
             format_table,
             is_run_dir,
             parse_bytes,
             stderr_progress,
             write_run_outputs,
         )
+        from mlalm.evaluate import evaluate_checkpoint
 
         budget = parse_bytes(args.memory_budget)  # fail fast, before loading anything
         if not os.path.exists(args.path):

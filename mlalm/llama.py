@@ -21,8 +21,6 @@ weights, and any tensor in the files that such a model would not read.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import replace
 
 import jax.numpy as jnp
@@ -258,19 +256,15 @@ def from_pretrained(path: str, *, base: Config | None = None, dtype: str | None 
         (model, cfg): an ``mlalm.model.Transformer`` and its Config (attention.kind
         mha/gqa/mqa, moe.n_routed_experts 0).
     """
-    from mlalm.hf import _Tensors
+    from mlalm.hf import Tensors, read_config
     from mlalm.model import Transformer
 
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{path}: no config.json (is this a transformers checkpoint directory?)")
-    with open(cfg_path) as f:
-        hf_cfg = json.load(f)
+    hf_cfg = read_config(path)
     cfg = config_from_hf(hf_cfg, base)
     file_dtype = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
     pd = dtype or ("bfloat16" if file_dtype == "bfloat16" else "float32")
     cfg = replace(cfg, model=replace(cfg.model, param_dtype=pd))
-    tensors = _Tensors(path)
+    tensors = Tensors(path)
     check_tensors(tensors, cfg)
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     for key, _, mpath, attr, _, from_file in _mapping(cfg):
@@ -315,9 +309,7 @@ def save_pretrained(
     Files get the permissions ``open()`` would give (0o666 minus the umask), as
     ``mlalm.hf.save_pretrained``'s.
     """
-    from safetensors.numpy import save_file
-
-    from mlalm.hf import _file_mode
+    from mlalm.hf import write_checkpoint_dir
 
     hf_cfg = config_to_hf(
         cfg,
@@ -337,22 +329,5 @@ def save_pretrained(
     for key, _, mpath, attr, to_file, _ in _mapping(cfg):
         value = np.asarray(getattr(_module_at(model, mpath), attr)[...], dtype=np.float32)
         tensors[key] = np.ascontiguousarray(to_file(value).astype(np_dtype))
-    os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.chmod(tmp, _file_mode())  # safetensors creates its file 0o600
-    os.replace(tmp, os.path.join(path, "model.safetensors"))
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf_cfg, f, indent=2)
-    ids = {
-        k: v
-        for k, v in (
-            ("bos_token_id", bos_token_id),
-            ("eos_token_id", eos_token_id),
-            ("pad_token_id", pad_token_id),
-        )
-        if v is not None
-    }
-    if ids:
-        with open(os.path.join(path, "generation_config.json"), "w") as f:
-            json.dump(ids, f, indent=2)
+    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    write_checkpoint_dir(tensors, hf_cfg, path, ids)

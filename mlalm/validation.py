@@ -180,7 +180,7 @@ def _validate_data(cfg) -> None:
             raise ConfigError(f"data.{key} must be >= 0, got {getattr(d, key)}")
     if d.shard_mb < 1:
         raise ConfigError(f"data.shard_mb must be >= 1, got {d.shard_mb}")
-    from mlalm.data.memory import parse_size  # no Grain or tokenizers import
+    from mlalm.utils import parse_size  # no Grain or tokenizers import
 
     parse_size(d.max_memory, key="data.max_memory")
     if d.mix is not None:

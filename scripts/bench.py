@@ -24,7 +24,7 @@ device's peak_bytes_in_use on an accelerator) is its own:
              experts 'eager', fused AdamW, the fastest combination in --reference-sweep on
              a 2-core EPYC (740 ms/step vs 814 for eager/eager/foreach); --reference-sweep
              re-picks on any machine
-  decode     ``mlalm.generate.measure_decode`` with the latent (absorbed) MLA cache and the
+  decode     ``mlalm.decode_speed.measure_decode`` with the latent (absorbed) MLA cache and the
              expanded per-head cache, at each --decode-contexts
   profile    (--profile) where the mlalm step's time goes: its pieces, one layer's parts,
              whole-step variants, timed round-robin, and a per-HLO-op trace (jax.profiler)

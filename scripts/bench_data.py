@@ -423,7 +423,7 @@ def main(argv=None) -> int:
         "corpus and on the built-in one (default model, compilation cache off)",
     )
     args = p.parse_args(argv)
-    from mlalm.data.memory import parse_size
+    from mlalm.utils import parse_size
 
     args.tokenizers = args.tokenizers.split(",")
     sizes = [parse_size(s, key="--sizes") for s in args.sizes.split(",")]

@@ -4,9 +4,13 @@
     python scripts/export.py RUN_DIR_OR_CHECKPOINT OUT_DIR --format hf [--dtype bfloat16]
     python scripts/export.py RUN_DIR_OR_CHECKPOINT OUT_DIR --format params [--dtype bfloat16]
     python scripts/export.py RUN_DIR_OR_CHECKPOINT OUT --format gguf [--dtype f32|f16|bf16|q8_0]
+    python scripts/export.py RUN_DIR_OR_CHECKPOINT OUT_DIR --format llama [--dtype bfloat16]
 
 hf:      config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads
          (MLA models), plus tokenizer.json / tokenizer_config.json when the run used BPE.
+llama:   config.json + model.safetensors that transformers' LlamaForCausalLM loads (dense
+         MHA/GQA/MQA models, e.g. a baseline trained for comparison; mlalm.llama), plus the
+         tokenizer files when the run used BPE.
 params:  a parameters-only Orbax checkpoint (no optimizer state) in the chosen dtype, with
          the config and tokenizer; eval.py and scripts/generate.py load it.
 gguf:    one GGUF file, llama.cpp's deepseek2 architecture with the tokenizer inside (MLA
@@ -32,17 +36,23 @@ import sys
 from mlalm.cli import run_command
 
 
-def export_hf(path: str, out_dir: str, dtype: str | None) -> str:
+def export_hf(path: str, out_dir: str, dtype: str | None, fmt: str = "hf") -> str:
+    """--format hf (DeepSeek-V3, MLA models) or llama (Llama, dense MHA/GQA/MQA models)."""
     from mlalm.errors import ConfigError
-    from mlalm.hf import save_pretrained
     from mlalm.inference import load_for_inference
 
     model, cfg, tokenizer = load_for_inference(path)
-    if cfg.attention.kind != "mla":
-        raise ConfigError(
-            f"--format hf writes DeepSeek-V3 checkpoints, which need attention.kind=mla; "
-            f"this model uses {cfg.attention.kind} (use --format params)"
-        )
+    if fmt == "hf":
+        from mlalm.hf import save_pretrained
+
+        if cfg.attention.kind != "mla":
+            llama_ok = cfg.moe.n_routed_experts == 0
+            raise ConfigError(
+                f"--format hf writes DeepSeek-V3 checkpoints, which need attention.kind=mla; "
+                f"this model uses {cfg.attention.kind} (use --format {'llama' if llama_ok else 'params'})"
+            )
+    else:
+        from mlalm.llama import save_pretrained
     save_pretrained(model, cfg, out_dir, dtype=dtype, eos_token_id=tokenizer.eos_id)
     if tokenizer.name != "byte":  # tokenizer.json + tokenizer_config.json (its real end-of-text)
         tokenizer.save(out_dir)
@@ -84,6 +94,7 @@ def warn_serving(path: str, fmt: str) -> None:
 DTYPES = {
     "params": ("float32", "bfloat16"),
     "hf": ("float32", "bfloat16"),
+    "llama": ("float32", "bfloat16"),
     "gguf": ("f32", "f16", "bf16", "q8_0"),
 }
 
@@ -94,12 +105,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("source", help="run directory, checkpoint step directory, or params export")
     parser.add_argument("out_dir", help="where to write (must not exist or be empty)")
-    parser.add_argument("--format", choices=["hf", "params", "gguf"], required=True)
+    parser.add_argument("--format", choices=["hf", "llama", "params", "gguf"], required=True)
     parser.add_argument(
         "--dtype",
         default=None,
-        help="params, hf: float32 | bfloat16 (default: float32 for params, the model's for hf); "
-        "gguf: f32 | f16 | bf16 | q8_0 (default f32)",
+        help="params, hf, llama: float32 | bfloat16 (default: float32 for params, the model's "
+        "for hf and llama); gguf: f32 | f16 | bf16 | q8_0 (default f32)",
     )
     args = parser.parse_args(argv)
 
@@ -115,13 +126,13 @@ def main(argv=None) -> int:
         if os.path.exists(args.out_dir) and (not os.path.isdir(args.out_dir) or os.listdir(args.out_dir)):
             what = "file" if os.path.isfile(args.out_dir) else "directory"
             raise CheckpointError(f"{args.out_dir} exists and is not empty; choose a new {what}")
-        if args.format == "hf":
-            export_hf(args.source, args.out_dir, args.dtype)
+        if args.format in ("hf", "llama"):
+            export_hf(args.source, args.out_dir, args.dtype, args.format)
         elif args.format == "gguf":
             export_gguf(args.source, args.out_dir, args.dtype)
         else:
             export_params(args.source, args.out_dir, dtype=args.dtype or "float32")
-        if args.format != "params":
+        if args.format in ("hf", "gguf"):
             warn_serving(args.source, args.format)
         if os.path.isfile(args.out_dir):
             total = os.path.getsize(args.out_dir)

@@ -148,7 +148,7 @@ def main(argv=None) -> int:
 
         if not os.path.exists(args.path):
             raise CheckpointError(f"{args.path}: no such checkpoint or run directory")
-        from mlalm.generate import check_sampling
+        from mlalm.sampling import check_sampling
 
         check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)  # fail fast
         from mlalm.inference import load_for_inference

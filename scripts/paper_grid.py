@@ -365,7 +365,8 @@ def gather_cell(name: str, cell_out: str, lr_grid: list[str]) -> dict | None:
 
 def evaluate_run(run_dir: str, test_path: str, *, max_batches: int, decode_batch: int, context: int) -> None:
     """eval.py on the test split (``--data test.txt --split test``): eval_test.json."""
-    from mlalm.evaluate import evaluate_checkpoint, write_run_outputs
+    from mlalm.eval_report import write_run_outputs
+    from mlalm.evaluate import evaluate_checkpoint
 
     def log(text, transient=False):
         if not transient:

@@ -96,9 +96,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
 
     def body():
-        from mlalm.data.memory import parse_size
         from mlalm.data.prepare import prepare
         from mlalm.data.shards import verify
+        from mlalm.utils import parse_size
 
         if args.verify is not None:
             data = verify(args.verify)

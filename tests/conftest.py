@@ -26,6 +26,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _jax_cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# The tests' models are tiny: compiling them costs far more than running them, so XLA's
+# CPU backend compiles without LLVM's optimisation passes (40% less CPU for the suite).
+# XLA's own graph passes still run, and neither level allows fast-math, so every result is
+# the same IEEE arithmetic; train.py subprocesses and worker processes inherit the flag.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+if TEST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + TEST_XLA_FLAGS).strip()
+
 # An MLA + MoE model small enough for a CPU test: two layers (the first dense), q LoRA.
 TINY = {
     "model": {"vocab_size": 40, "d_model": 32, "n_layers": 2, "ffn_dim": 64, "max_seq_len": 64},
@@ -84,8 +92,7 @@ def tiny(**sections):
 
 def subprocess_env(**extra):
     """The environment of a train.py/eval.py subprocess: CPU, unbuffered, one device."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
-    env.pop("XLA_FLAGS", None)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", XLA_FLAGS=TEST_XLA_FLAGS, **extra)
     return env
 
 

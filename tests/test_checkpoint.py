@@ -22,6 +22,7 @@ from mlalm.checkpoint import Checkpointer
 from mlalm.inference import load_for_inference
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
     rc, out = _start_and_interrupt(tmp_path, signal.SIGKILL)
     run = os.path.join(tmp_path, "r")
@@ -41,6 +42,7 @@ def test_sigkill_then_resume_is_bitwise_identical(reference_run, tmp_path):
     assert got_final == want_final
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_exits_zero_then_resumes(reference_run, tmp_path):
     rc, out = _start_and_interrupt(tmp_path, signal.SIGTERM)
     run = os.path.join(tmp_path, "r")
@@ -57,6 +59,7 @@ def test_sigterm_saves_and_exits_zero_then_resumes(reference_run, tmp_path):
     assert _losses(run) == _losses(reference_run)
 
 
+@pytest.mark.slow
 def test_resume_falls_back_past_a_corrupted_checkpoint(reference_run, tmp_path):
     rc, _ = _start_and_interrupt(tmp_path, signal.SIGKILL, after=20)
     run = os.path.join(tmp_path, "r")
@@ -254,6 +257,7 @@ def test_resume_from_a_missing_path_exits_2(tmp_path):
     assert not os.path.exists(os.path.join(tmp_path, "r"))
 
 
+@pytest.mark.slow
 def test_resume_with_another_model_exits_2_and_keeps_the_checkpoint(reference_run, tmp_path):
     out = subprocess.run(
         _cmd(tmp_path, f"train.resume={reference_run}", "model.d_model=64"),
@@ -282,6 +286,7 @@ def _tokens(vocab, B=2, T=24, seed=0):
     return np.random.default_rng(seed).integers(0, vocab, size=(B, T)).astype(np.int32)
 
 
+@pytest.mark.slow
 def test_export_hf_logits_match_transformers(reference_run, tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -298,6 +303,7 @@ def test_export_hf_logits_match_transformers(reference_run, tmp_path):
     assert np.max(np.abs(ours - theirs)) <= 1e-4
 
 
+@pytest.mark.slow
 def test_export_params_roundtrip_and_dtype(reference_run, tmp_path):
     model, cfg, tok = load_for_inference(reference_run)
     tokens = jnp.asarray(_tokens(cfg.model.vocab_size))
@@ -344,6 +350,7 @@ def test_export_bad_input_exits_2(tmp_path, args, msg):
     assert out.returncode == 2 and msg in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_export_refuses_a_non_empty_output(reference_run, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")

@@ -20,7 +20,7 @@ def test_tokens_to_reach_interpolates():
     assert compare.tokens_to_reach(curve, 1.0) is None
 
 
-def test_curves_keep_one_kind_of_validation_measurement():
+def test_curves_keep_one_kind_of_validation_measurement(monkeypatch):
     """A final whole-split loss is not a point of a curve scored on a prefix (before: the
     curves ended with it and the target was the reference's whole-split loss, biasing
     tokens-to-target)."""
@@ -45,7 +45,7 @@ def test_curves_keep_one_kind_of_validation_measurement():
         }
         for s in (0, 1)
     ]
-    compare.write_outputs.__globals__["plot"] = lambda *a: None  # no matplotlib figures here
+    monkeypatch.setattr(compare, "plot", lambda *a: None)  # no matplotlib figures here
     import tempfile
 
     with tempfile.TemporaryDirectory() as out:
@@ -59,6 +59,7 @@ def test_grid_values_with_extra_overrides():
     assert compare._split_value("gqa+attention.n_kv_heads=2") == ("gqa", ["attention.n_kv_heads=2"])
 
 
+@pytest.mark.slow
 def test_sweep_keeps_best_lr_and_reports_divergence(tmp_path):
     text = "".join(f"line {i % 7}: to be or not to be, that is the question\n" for i in range(400))
     (tmp_path / "c.txt").write_text(text)

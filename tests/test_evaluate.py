@@ -29,7 +29,8 @@ from mlalm.config import from_dict
 from mlalm.data import tokenize_path
 from mlalm.data.tokenizers import ByteTokenizer, get_tokenizer, spelled_documents
 from mlalm.errors import ConfigError, DataError
-from mlalm.evaluate import count_words_lines, evaluate_checkpoint, kv_cache_report, max_context, parse_bytes
+from mlalm.eval_report import kv_cache_report, max_context, parse_bytes
+from mlalm.evaluate import count_words_lines, evaluate_checkpoint
 from mlalm.inference import load_for_inference
 from mlalm.model import Transformer
 
@@ -138,6 +139,7 @@ def cli_json(run):
     return code, out.getvalue()
 
 
+@pytest.mark.slow
 def test_perplexity_and_bits_per_byte_match_an_independent_loop(cli_json, reference):
     code, stdout = cli_json
     assert code == 0

@@ -28,17 +28,10 @@ from flax import nnx
 
 from mlalm.config import from_dict
 from mlalm.data.tokenizers import ByteTokenizer
-from mlalm.generate import (
-    cache_bytes,
-    decode_step,
-    filter_logits,
-    generate,
-    init_cache,
-    measure_decode,
-    prefill,
-    sample,
-)
+from mlalm.decode_speed import measure_decode
+from mlalm.generate import cache_bytes, decode_step, generate, init_cache, prefill
 from mlalm.model import Transformer, kv_cache_bytes_per_token_per_layer
+from mlalm.sampling import filter_logits, sample
 
 V, D, L = 257, 32, 16  # vocab, width, reference buffer length
 MLA = dict(
@@ -153,6 +146,7 @@ def reference_for(name):
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(ATTN))
 def test_cached_greedy_equals_full_recompute(name):
     model = model_for(name)

@@ -13,7 +13,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, TEST_XLA_FLAGS
 
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.py")
 STAGES = ["kernels", "attention", "decode", "train_dense", "train_moe", "bf16_convergence"]
@@ -45,8 +45,8 @@ def blocked_env(tmp_path):
         PYTHONUNBUFFERED="1",
         BLOCKER_LOG=str(tmp_path / "blocked.log"),
         PYTHONPATH=os.pathsep.join([str(d), ROOT]),
+        XLA_FLAGS=TEST_XLA_FLAGS,
     )
-    env.pop("XLA_FLAGS", None)
     return env
 
 

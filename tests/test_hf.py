@@ -169,8 +169,13 @@ def test_round_trip_through_transformers(case, tokens, tmp_path):
     "overrides, message",
     [
         ({"attention": {"kind": "gqa", "n_kv_heads": 2}}, "only expresses MLA"),
-        ({"attention": {"kind": "mha"}}, "only expresses MLA"),
+        ({"attention": {"kind": "mha"}}, r"only expresses MLA attention \(export as Llama"),
+        (
+            {"attention": {"kind": "mha"}, "moe": {"n_routed_experts": 4}},
+            r"only expresses MLA attention$",  # MoE: no Llama either
+        ),
         ({"moe": {"n_routed_experts": 4, "n_shared_experts": 0}}, "shared expert"),
+        ({"attention": {"kind": "mla", "kv_latent_norm": False}}, "kv_latent_norm=false: DeepSeek-V3"),
     ],
 )
 def test_inexpressible_config_is_refused(overrides, message):
@@ -368,6 +373,7 @@ def _engine_routing(x_ND, hf, gate_ED, bias_E):
     return dense
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(ROUTING))
 def test_config_json_describes_the_routing(case, tmp_path):
     """Every key engines read has this model's value, and the routing an engine builds from

@@ -246,3 +246,48 @@ def test_tied_head_must_equal_the_embedding(tmp_path):
     _rewrite(tmp_path, lambda t: {**t, "lm_head.weight": t["model.embed_tokens.weight"] + 1.0})
     with pytest.raises(CheckpointError, match="lm_head.weight differs"):
         from_pretrained(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_cli_exports_a_trained_gqa_run_as_llama(corpus_file, tmp_path, capsys):
+    """scripts/export.py --format llama on a trained GQA run: transformers'
+    LlamaForCausalLM gives the run's logits, and mlalm.hf.from_pretrained (which hands
+    Llama directories to mlalm.llama) reads the parameters back bit for bit.  --format hf
+    on the same run names --format llama."""
+    import importlib.util
+
+    from conftest import ROOT, tiny
+    from mlalm import hf
+    from mlalm.inference import load_for_inference
+    from mlalm.train import train
+
+    cfg = tiny(
+        model={"vocab_size": None},
+        attention={"kind": "gqa", "n_heads": 4, "n_kv_heads": 2, "head_dim": 8},
+        moe={"n_routed_experts": 0},
+        data={"path": corpus_file, "cache_dir": str(tmp_path / "cache")},
+        train={"steps": 3, "run_dir": str(tmp_path / "runs"), "name": "r", "progress": False},
+        checkpoint={"async_save": False},
+    )
+    train(cfg, log=lambda *a: None)
+    run = str(tmp_path / "runs" / "r")
+    spec = importlib.util.spec_from_file_location("export_cli", os.path.join(ROOT, "scripts", "export.py"))
+    export_cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(export_cli)
+
+    assert export_cli.main([run, str(tmp_path / "deepseek"), "--format", "hf"]) == 2
+    err = capsys.readouterr().err
+    assert "attention.kind=mla" in err and "use --format llama" in err and err.count("\n") == 1
+
+    out = str(tmp_path / "llama")
+    assert export_cli.main([run, out, "--format", "llama"]) == 0
+    model, _, tokenizer = load_for_inference(run)
+    written = json.load(open(os.path.join(out, "config.json")))
+    assert written["model_type"] == "llama" and written["eos_token_id"] == tokenizer.eos_id
+    tokens = np.random.default_rng(3).integers(0, written["vocab_size"], size=(2, 16))
+    ours = np.asarray(model(jnp.asarray(tokens)))
+    ref = _hf_logits(transformers.LlamaForCausalLM.from_pretrained(out, attn_implementation="eager"), tokens)
+    assert np.abs(ours - ref).max() <= 1e-4
+    model2, cfg2 = hf.from_pretrained(out)
+    assert cfg2.attention.kind == "gqa" and cfg2.attention.n_kv_heads == 2
+    np.testing.assert_array_equal(np.asarray(model2(jnp.asarray(tokens))), ours)

@@ -111,6 +111,7 @@ def test_chunk_len_divides_positions():
     assert _chunk_len(2, 7, 1000) == 7
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [False, True])
 def test_training_loss_and_grads_fused_equal_plain(tie):
     """lm_loss with the fused head (train.loss_chunk) equals the plain logits path."""

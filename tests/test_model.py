@@ -915,6 +915,7 @@ def test_bfloat16_compute_close_to_float32():
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("N,K,blocks", [(4, 4, 4), (4, 2, 4), (4, 1, 2), (2, 2, 8)])
 def test_attention_core_query_blocks_match_float64(N, K, blocks):
     from mlalm.model.attention import attention_core
@@ -936,6 +937,7 @@ def test_attention_core_query_blocks_match_float64(N, K, blocks):
         close(m, s.max(axis=(0, 2, 3)), rtol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("N,K,blocks", [(4, 4, 4), (4, 2, 4), (4, 1, 1)])
 def test_attention_core_gradients_match_float64(N, K, blocks):
     """The core's own softmax VJP against the softmax gradient written out in float64."""

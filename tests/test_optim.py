@@ -580,6 +580,7 @@ def test_config_errors(optim, message):
         {"kind": "gqa", "n_kv_heads": 2, "head_dim": 8},
     ],
 )
+@pytest.mark.slow
 def test_qk_clip_brings_each_head_back_to_tau(attention):
     """After QK-clip the same input gives max logits min(old, tau) per head (MHA and MLA
     exactly: every logit of a clipped head scales by gamma; GQA: at most that)."""

@@ -73,6 +73,7 @@ def test_resume_from_a_named_step_loads_that_step(reference_run, tmp_path):
     assert losses(run) == losses(reference_run)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["metadata deleted", "manifest of the wrong shape", "empty"])
 def test_a_damaged_newest_checkpoint_falls_back_in_the_trainer(reference_run, tmp_path, damage):
     """Before: the trainer read the newest checkpoint's metadata before checking for damage

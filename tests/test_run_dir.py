@@ -104,8 +104,8 @@ def test_resuming_another_run_continues_in_the_configured_directory_and_says_so(
     [
         ("missing", "no such checkpoint or run directory"),
         ("file", "is a file"),
-        ("params export", "exported model"),
-        ("hf export", "exported model"),
+        ("params export", r"exported model .* use train\.init_from=.*src"),
+        ("hf export", r"exported model .* use train\.init_from=.*src"),
         ("empty run", "holds no checkpoint"),
     ],
 )

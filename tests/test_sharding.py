@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import TEST_XLA_FLAGS
 from mlalm import ConfigError
 from mlalm.config import from_dict
 from mlalm.sharding import logical_to_spec, mesh_shape
@@ -23,7 +24,7 @@ WORKER = os.path.join(HERE, "sharding_worker.py")
 
 def _env(devices):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
     return env

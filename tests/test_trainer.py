@@ -89,6 +89,7 @@ def test_schedules_follow_their_formula(kind):
         assert float(f(99)) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_weight_decay_mask():
     """With zero gradients AdamW only decays: hidden matrices shrink by lr*wd, the rest stay."""
     cfg = tiny(
@@ -105,6 +106,7 @@ def test_weight_decay_mask():
         np.testing.assert_allclose(np.asarray(up[name]), want, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.slow
 def test_step_compiles_once_and_learns():
     cfg = tiny(optim={"lr": 1e-2})
     graphdef, tx, schedule, state = _state(cfg, steps=20)
@@ -119,6 +121,7 @@ def test_step_compiles_once_and_learns():
     assert int(state.step) == 8
 
 
+@pytest.mark.slow
 def test_balancing_bias_moves_by_the_rule():
     cfg = tiny(moe={"bias_update_rate": 0.01})
     graphdef, tx, schedule, state = _state(cfg)
@@ -131,6 +134,7 @@ def test_balancing_bias_moves_by_the_rule():
     np.testing.assert_allclose(after, before + 0.01 * np.sign(load.mean() - load), atol=1e-7)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch():
     cfg1 = tiny(moe={"bias_update_rate": 0.0})
     cfg2 = tiny(moe={"bias_update_rate": 0.0}, train={"grad_accum": 2})
@@ -146,6 +150,7 @@ def test_grad_accumulation_equals_full_batch():
         np.testing.assert_allclose(np.asarray(out[0][2][k]), np.asarray(out[1][2][k]), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nonfinite_update_is_not_applied():
     cfg = tiny()
     graphdef, tx, schedule, state = _state(cfg)
@@ -160,6 +165,7 @@ def test_nonfinite_update_is_not_applied():
         np.testing.assert_array_equal(np.asarray(after[k]), before[k])
 
 
+@pytest.mark.slow
 def test_train_end_to_end(tmp_path, corpus_file):
     cfg = tiny(
         model={"vocab_size": None},
@@ -194,6 +200,7 @@ def test_train_end_to_end(tmp_path, corpus_file):
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(run))
 
 
+@pytest.mark.slow
 def test_nonfinite_stops_the_run_naming_the_step(tmp_path, corpus_file):
     cfg = tiny(
         model={"vocab_size": None},
@@ -265,6 +272,7 @@ def test_cli_help_lists_every_key():
             assert f"{section.name}.{f.name}" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_trains_on_non_utf8_bytes(tmp_path):
     data = bytes(range(256)) * 8 + "héllo wörld\n".encode("latin-1") * 20
     (tmp_path / "bin.txt").write_bytes(data)
@@ -314,6 +322,7 @@ def test_one_train_step_under_x64_equals_x64_off():
         np.testing.assert_allclose(m64[k][1], m32[k][1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_an_update_that_would_write_nan_is_not_applied():
     """Loss and gradients finite, the update not (AdamW with eps=0 on a zero gradient did
     this to the embedding): the old state is kept and the step reports it (before: NaN
@@ -336,6 +345,7 @@ def test_an_update_that_would_write_nan_is_not_applied():
     assert int(state.step) == 1
 
 
+@pytest.mark.slow
 def test_skipping_stops_after_the_configured_consecutive_skips(tmp_path, corpus_file):
     """on_nonfinite=skip must not 'finish' with a NaN validation loss: after
     train.max_consecutive_skips skips in a row the run stops with an error, and writes

@@ -1,6 +1,6 @@
 """Decoding throughput with the absorbed MLA cache (the latent c and the shared rope key
 per token) against the naive one (keys and values expanded per head), at several
-context lengths: ``mlalm.generate.measure_decode`` on the benchmark model."""
+context lengths: ``mlalm.decode_speed.measure_decode`` on the benchmark model."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ def measure(cfg, *, batch: int, contexts: list, new_tokens: int) -> dict:
     """{'batch', 'new_tokens', 'runs': one per (mode, context), 'peak_memory_bytes'}."""
     from flax import nnx
 
-    from mlalm.generate import measure_decode
+    from mlalm.decode_speed import measure_decode
     from mlalm.model import Transformer
 
     model = Transformer(cfg, rngs=nnx.Rngs(SEED))

@@ -33,7 +33,7 @@ def default_cache_dir() -> str:
 
 def builtin_files() -> list[str]:
     """The built-in corpus: the top-level ``*.py`` modules of this Python's standard library
-    (present wherever Python runs; about 200 files and 7 MB on CPython 3.11)."""
+    (present wherever Python runs; 168 files and 4.7 MB on CPython 3.11.7)."""
     root = sysconfig.get_paths()["stdlib"]
     names = sorted(f for f in os.listdir(root) if f.endswith(".py") and not f.startswith("."))
     if not names:

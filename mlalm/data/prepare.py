@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING
 from mlalm.data import encode as enc
 from mlalm.data import memory
 from mlalm.data.formats import expand_inputs
-from mlalm.data.memory import parse_size
 from mlalm.data.memory import plan as memory_plan
 from mlalm.data.reader import Reader, corrected_rule, initial_rule, train_bpe
 from mlalm.data.shards import (
@@ -53,6 +52,7 @@ from mlalm.data.shards import (
     write_manifest,
 )
 from mlalm.errors import DataError
+from mlalm.utils import parse_size
 
 if TYPE_CHECKING:
     from mlalm.data.tokenizers import ByteTokenizer, HFTokenizer

@@ -12,7 +12,6 @@ after a kill restores its own checkpoints as usual (the source is not read again
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Set as AbstractSet
 
@@ -42,16 +41,9 @@ def source_config(path: str) -> tuple[dict, str | None]:
     if not os.path.exists(path):
         raise CheckpointError(f"train.init_from={path}: no such run, checkpoint or model directory")
     if _is_hf(path):
-        with open(os.path.join(path, "config.json")) as f:
-            hf = json.load(f)
-        from mlalm import llama
+        from mlalm.hf import load_config
 
-        if hf.get("model_type") in llama.MODEL_TYPES:
-            src = llama.config_from_hf(hf).to_dict()
-        else:
-            from mlalm.hf import config_from_hf
-
-            src = config_from_hf(hf).to_dict()
+        src = load_config(path).to_dict()
         tok = os.path.join(path, "tokenizer.json")
         return {s: src[s] for s in MODEL_SECTIONS}, tok if os.path.isfile(tok) else None
     from mlalm.checkpoint import find_checkpoint
@@ -102,13 +94,10 @@ def load_weights(cfg: Config, like_params, like_rest):
     path = cfg.train.init_from
     assert path is not None
     if _is_hf(path):
-        from mlalm import llama
         from mlalm.hf import from_pretrained
         from mlalm.train.state import split_model
 
-        with open(os.path.join(path, "config.json")) as f:
-            is_llama = json.load(f).get("model_type") in llama.MODEL_TYPES
-        model, _ = llama.from_pretrained(path) if is_llama else from_pretrained(path)
+        model, _ = from_pretrained(path)  # DeepSeek-V3, Llama or Mistral by model_type
         _, params, rest = split_model(model)
     else:
         from mlalm.inference import load_params

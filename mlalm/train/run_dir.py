@@ -158,8 +158,8 @@ def _plan_from_path(cfg: Config, r: str, configured: str, name: str) -> RunPlan:
     if os.path.isfile(os.path.join(r, EXPORT_MARKER)) or os.path.isfile(os.path.join(r, "config.json")):
         raise CheckpointError(
             f"{key} is an exported model (weights only: no optimizer state or data "
-            f"position), which cannot be resumed; resume a run directory or a "
-            f"checkpoint step directory instead"
+            f"position), which cannot be resumed; to start a new run from its weights use "
+            f"train.init_from={r}, or resume a run directory or checkpoint step directory"
         )
     one = _step_dir_of(r)
     if one is not None:
