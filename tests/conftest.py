@@ -161,3 +161,22 @@ def reference_run(tmp_path_factory):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     return os.path.join(d, "r")
+
+
+# The longest test files first: the xdist workers take one file at a time (--dist
+# loadfile), so a long file started last would run alone while the other workers idle.
+LONG_FILES = (
+    "test_trainer.py",
+    "test_sharding.py",
+    "test_resume.py",
+    "test_checkpoint.py",
+    "test_model.py",
+    "test_kernels.py",
+    "test_gguf.py",
+    "test_gpu_check.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))  # stable
