@@ -36,7 +36,6 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def make_corpus(source: str, path: str, size: int, seed: int = 0) -> dict:
@@ -108,7 +107,7 @@ def run_measured(cmd, env=None) -> dict:
 
 
 def _python(code: str) -> list[str]:
-    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {ROOT!r})\n" + textwrap.dedent(code)]
+    return [sys.executable, "-c", textwrap.dedent(code)]  # mlalm: the installed package
 
 
 def load_corpus_child(path: str, cache: str, max_memory: str, workers: int, seq_len: int) -> list[str]:
@@ -174,7 +173,8 @@ def grain_throughput(directory: str, seq_len: int, batch: int, seconds: float = 
 def train_start(data_path: str | None, work: str, cache: str, name: str) -> dict:
     """``python train.py`` (configs/default.yaml's model, compilation cache off) on
     ``data_path`` (None: the built-in corpus): seconds from process start to the first
-    step's log line, and the peak RSS of the process tree until then."""
+    step's log line, the peak RSS of the process tree until then, and when each log line
+    before it appeared."""
     cmd = [
         sys.executable,
         os.path.join(ROOT, "train.py"),
@@ -197,9 +197,10 @@ def train_start(data_path: str | None, work: str, cache: str, name: str) -> dict
         env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     rss = TreeRSS(p.pid)
-    lines = []
+    lines, phases = [], []  # phases: (seconds since start, the log line) up to the first step
     for line in p.stdout:
         lines.append(line)
+        phases.append((round(time.perf_counter() - t0, 2), line.strip()[:100]))
         if line.startswith("step 1/"):
             break
     first = time.perf_counter() - t0
@@ -208,7 +209,7 @@ def train_start(data_path: str | None, work: str, cache: str, name: str) -> dict
     p.wait()
     if not lines or not lines[-1].startswith("step 1/"):
         raise RuntimeError("train.py ended before its first step:\n" + "".join(lines[-20:]))
-    return {"first_step_s": first, "peak_rss_bytes": peak}
+    return {"first_step_s": first, "peak_rss_bytes": peak, "phases": phases}
 
 
 def bench_size(size: int, args, work: str) -> dict:
