@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import random_model
 from mlalm.config import from_dict
 from mlalm.data.tokenizers import ByteTokenizer
 from mlalm.decode_speed import measure_decode
@@ -77,18 +78,9 @@ def make_cfg(name, **over):
 
 
 def build(cfg, seed=0):
-    """Abstract Transformer filled from numpy: weights N(0, 0.1), norm scales 1 + N(0, 0.3),
-    routing biases N(0, 0.1) (so a decode path that dropped the bias would show)."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Variable):
-            if path[-1] == "scale":
-                v = 1.0 + 0.3 * rng.standard_normal(var.shape)
-            else:
-                v = 0.1 * rng.standard_normal(var.shape)
-            var.set_value(jnp.asarray(v, var.dtype))
-    return model
+    """Weights N(0, 0.1), norm scales 1 + N(0, 0.3), routing biases N(0, 0.1) (so a decode
+    path that dropped the bias would show; ``conftest.random_model``)."""
+    return random_model(cfg, seed=seed, scale=0.1, norm_spread=0.3)
 
 
 def recompute_greedy(model, prompts, n_new):

@@ -26,9 +26,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import random_model
 from mlalm.config import from_dict, load_config
 from mlalm.errors import CheckpointError, ConfigError
-from mlalm.model import Transformer
 from mlalm.train import lm_loss, split_model
 
 V, T, B = 23, 12, 2
@@ -47,18 +47,8 @@ def mha_cfg(depth=2, **model):
 
 
 def build(cfg, seed=0, scale=0.3):
-    """Abstract model filled from numpy: weights N(0, scale), norm scales 1 + N(0, 0.3)
-    (every norm different, so a norm applied to the wrong input shows)."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Variable):
-            if path[-1] == "scale":
-                v = 1.0 + 0.3 * rng.standard_normal(var.shape)
-            else:
-                v = scale * rng.standard_normal(var.shape)
-            var.set_value(jnp.asarray(v, var.dtype))
-    return model
+    """Weights N(0, scale), norm scales 1 + N(0, 0.3) (``conftest.random_model``)."""
+    return random_model(cfg, seed=seed, scale=scale, norm_spread=0.3)
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,13 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
+from conftest import random_model
 from mlalm.config import from_dict
 from mlalm.data.tokenizers import ByteTokenizer
 from mlalm.errors import ConfigError
 from mlalm.generate import generate
-from mlalm.model import Transformer
 
 MLA = dict(kind="mla", n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8)
 ATTN = {
@@ -70,17 +69,8 @@ def make_cfg(name, *, vocab=257, depth=2, max_seq_len=48):
 
 
 def build(cfg, seed=0):
-    """Abstract model filled from numpy: weights N(0, 0.3), norm scales 1 + N(0, 0.2)."""
-    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    rng = np.random.default_rng(seed)
-    for path, var in nnx.iter_graph(model):
-        if isinstance(var, nnx.Variable):
-            if path[-1] == "scale":
-                v = 1.0 + 0.2 * rng.standard_normal(var.shape)
-            else:
-                v = 0.3 * rng.standard_normal(var.shape)
-            var.set_value(jnp.asarray(v, var.dtype))
-    return model
+    """Weights N(0, 0.3), norm scales 1 + N(0, 0.2) (``conftest.random_model``)."""
+    return random_model(cfg, seed=seed, scale=0.3, norm_spread=0.2)
 
 
 def _zero(var):
