@@ -52,7 +52,7 @@ def mesh_runs(request):
 def test_meshes_match_single_device(mesh_runs):
     optim, runs = mesh_runs
     ref = runs["single"]
-    for name in ("data8", "fsdp2_tensor2_expert2", "fsdp4_tensor2"):
+    for name in sorted(set(runs) - {"single"}):  # Muon: three meshes; AdamW: the full one
         np.testing.assert_allclose(
             runs[name]["losses"], ref["losses"], rtol=0, atol=1e-5, err_msg=f"{optim} {name}"
         )
@@ -73,6 +73,8 @@ def test_arrays_are_sharded_as_the_rules_say(mesh_runs):
     assert s["w_gate_DF"] == ["fsdp", "tensor"]
     assert s["opt_w_gate_EDF"] == ['["expert", "fsdp", "tensor"]']  # moments too
     assert s["batch"] == ["fsdp", None] and s["n_batch_shards"] == 2
+    if "data8" not in runs:  # the AdamW run has the full mesh only
+        return
     d = runs["data8"]["specs"]
     assert d["batch"] == ["data", None] and d["n_batch_shards"] == 8
     assert d["w_gate_EDF"] == [None, None, None]  # pure data parallel: replicated
