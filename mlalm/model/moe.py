@@ -8,8 +8,13 @@ norm_topk_prob, times routed_scaling_factor.  After each step the train loop mov
 bias with :func:`balance_bias_update`; it has no gradient and no optimizer.
 
 Dispatch runs every expert as one batched matmul:
-  * ``dropless``: sort the N·k (token, expert) pairs by expert and run a grouped matmul
-    (``jax.lax.ragged_dot``); no token is ever dropped.
+  * ``dropless``: sort the N·k (token, expert) pairs by expert; no token is ever dropped.
+    On accelerators a grouped matmul (``jax.lax.ragged_dot``).  On CPU, where ragged_dot's
+    fallback runs every expert on every row (E times the FLOPs), each expert's rows are
+    padded to a multiple of a small block and a loop over the *used* blocks runs one
+    [b, D] x [D, F] matmul per block (:func:`grouped_swiglu`, the grouped-matmul idea of
+    MegaBlocks, arXiv 2211.15841, in plain XLA): about N·k + E·b/2 rows of work, against
+    capacity's cf·N·k.
   * ``capacity``: gather each expert's first C = ceil(cf·N·k/E) tokens into [E, C, D] and
     run plain batched einsums; pairs past an expert's capacity are dropped (the residual
     and the shared experts still carry those tokens).  With C >= N·k it equals dropless.
@@ -18,6 +23,7 @@ Dispatch runs every expert as one batched matmul:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -96,14 +102,19 @@ def _expert_ffn_ragged(x_MD, group_sizes_E, w_gate, w_up, w_down):
 
 
 def resolve_dispatch(dispatch: str) -> str:
-    """``moe.dispatch=auto``: capacity dispatch on CPU, where jax.lax.ragged_dot's fallback
-    costs E times the FLOPs; dropless (sort + ragged_dot) on accelerators."""
-    if dispatch == "auto":
-        return "capacity" if jax.default_backend() == "cpu" else "dropless"
-    return dispatch
+    """``moe.dispatch=auto`` is dropless on every backend (a CPU run trains the same model
+    as a GPU run of the same config); ``capacity`` only when a config asks for it."""
+    return "dropless" if dispatch == "auto" else dispatch
 
 
 def dispatch_dropless(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """Every (token, expert) pair, none dropped: :func:`dispatch_blocked` on CPU,
+    :func:`dispatch_ragged` elsewhere (the backend of the arrays' default device)."""
+    fn = dispatch_blocked if jax.default_backend() == "cpu" else dispatch_ragged
+    return fn(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD)
+
+
+def dispatch_ragged(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD):
     """Sort (token, expert) pairs by expert, grouped matmul, weighted scatter-add back."""
     N, k = idx_Nk.shape
     E = w_gate_EDF.shape[0]
@@ -114,6 +125,121 @@ def dispatch_dropless(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD):
     y = _expert_ffn_ragged(x_ND[token], sizes, w_gate_EDF, w_up_EDF, w_down_EFD)
     y = y * w_Nk.reshape(-1)[order][:, None].astype(y.dtype)
     return jnp.zeros_like(x_ND).at[token].add(y)
+
+
+def block_size(n_pairs: int, n_experts: int) -> int:
+    """Rows per block of :func:`dispatch_blocked`: the balanced rows per expert, as a
+    power of two in [8, 128] -- small enough that padding (E·b/2 rows on average) stays a
+    few percent of the N·k rows, large enough for an efficient matmul per block."""
+    per_expert = max(1, n_pairs // n_experts)
+    return int(min(128, max(8, 1 << (per_expert.bit_length() - 1))))
+
+
+def dispatch_blocked(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD, *, block: int | None = None):
+    """Dropless dispatch for CPU: each expert's pairs (sorted by expert, in token order)
+    padded to a multiple of ``block`` rows, then :func:`grouped_swiglu` over the used blocks.
+
+    The static row count R = G·b with G = (N·k + E·(b-1)) // b bounds every routing (each
+    expert pads fewer than b rows); the loop runs only the used blocks, sum_e ceil(n_e/b).
+    """
+    N, k = idx_Nk.shape
+    E, D = w_gate_EDF.shape[0], x_ND.shape[1]
+    M = N * k
+    b = block or block_size(M, E)
+    G = (M + E * (b - 1)) // b
+    flat = idx_Nk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # pair ids sorted by expert, token order kept
+    sizes = jnp.bincount(flat, length=E).astype(jnp.int32)
+    blocks = (sizes + b - 1) // b
+    block_end = jnp.cumsum(blocks)  # inclusive: expert e owns blocks [end[e-1], end[e])
+    start = jnp.cumsum(sizes) - sizes  # first sorted position of each expert
+    e_sorted = flat[order]
+    row_sorted = (block_end - blocks)[e_sorted] * b + jnp.arange(M, dtype=jnp.int32) - start[e_sorted]
+    row_of_pair = jnp.zeros((M,), jnp.int32).at[order].set(row_sorted.astype(jnp.int32))
+    token_of_row = jnp.full((G * b,), N, jnp.int32).at[row_sorted].set((order // k).astype(jnp.int32))
+    block_expert = jnp.minimum(jnp.searchsorted(block_end, jnp.arange(G), side="right"), E - 1)
+    x_pad = jnp.concatenate([x_ND, jnp.zeros((1, D), x_ND.dtype)], axis=0)
+    y_RD = grouped_swiglu(
+        x_pad[token_of_row], block_expert.astype(jnp.int32), block_end[-1], w_gate_EDF, w_up_EDF, w_down_EFD
+    )
+    y = (y_RD[row_of_pair] * w_Nk.reshape(-1)[:, None].astype(y_RD.dtype)).reshape(N, k, D)
+    out = y[:, 0]  # the k slots added one by one (see dispatch_capacity)
+    for j in range(1, k):
+        out = out + y[:, j]
+    return out
+
+
+def _block_loop(n_used, body, init):
+    return jax.lax.fori_loop(0, n_used, body, init)
+
+
+@jax.custom_vjp
+def grouped_swiglu(x_RD, block_expert_G, n_used, w_gate_EDF, w_up_EDF, w_down_EFD):
+    """SwiGLU of each block of b = R/G rows with its expert's weights: rows [g·b, (g+1)·b)
+    use expert ``block_expert_G[g]``; blocks from ``n_used`` on are skipped (their rows
+    give zeros).  One [b, D] x [D, F] matmul per block and weight, in a loop whose trip
+    count is the number of used blocks; the backward pass (below) is a second such loop."""
+    return _grouped_fwd(x_RD, block_expert_G, n_used, w_gate_EDF, w_up_EDF, w_down_EFD)[0]
+
+
+def _grouped_fwd(x_RD, block_expert_G, n_used, w_gate_EDF, w_up_EDF, w_down_EFD):
+    R, D = x_RD.shape
+    G, F = block_expert_G.shape[0], w_gate_EDF.shape[2]
+    b = R // G
+
+    def body(g, carry):
+        y, gate, up = carry
+        e = block_expert_G[g]
+        xb = jax.lax.dynamic_slice_in_dim(x_RD, g * b, b)
+        gb, ub = xb @ w_gate_EDF[e], xb @ w_up_EDF[e]
+        yb = (jax.nn.silu(gb) * ub) @ w_down_EFD[e]
+        put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=g * b, axis=0)
+        return put(y, yb), put(gate, gb), put(up, ub)
+
+    dt = x_RD.dtype
+    init = (jnp.zeros((R, D), dt), jnp.zeros((R, F), dt), jnp.zeros((R, F), dt))
+    y, gate, up = _block_loop(n_used, body, init)
+    return y, (x_RD, block_expert_G, n_used, w_gate_EDF, w_up_EDF, w_down_EFD, gate, up)
+
+
+def _grouped_bwd(res, dy_RD):
+    x_RD, block_expert_G, n_used, w_gate, w_up, w_down, gate, up = res
+    R, D = x_RD.shape
+    G = block_expert_G.shape[0]
+    b = R // G
+    f32 = jnp.float32
+
+    def body(g, carry):
+        dx, dwg, dwu, dwd = carry
+        e = block_expert_G[g]
+        rows = functools.partial(jax.lax.dynamic_slice_in_dim, start_index=g * b, slice_size=b)
+        xb, gb, ub, dyb = rows(x_RD), rows(gate), rows(up), rows(dy_RD)
+        sig = jax.nn.sigmoid(gb)
+        a = gb * sig  # silu(g)
+        dh = dyb @ w_down[e].T
+        du = dh * a
+        dg = dh * ub * (sig * (1 + gb * (1 - sig)))  # silu'(g)
+        dxb = dg @ w_gate[e].T + du @ w_up[e].T
+
+        def acc(dw, inc):
+            return jax.lax.dynamic_update_index_in_dim(dw, dw[e] + inc.astype(f32), e, 0)
+
+        dwd = acc(dwd, (a * ub).T @ dyb)
+        dwg = acc(dwg, xb.T @ dg)
+        dwu = acc(dwu, xb.T @ du)
+        return jax.lax.dynamic_update_slice_in_dim(dx, dxb, g * b, 0), dwg, dwu, dwd
+
+    init = (
+        jnp.zeros_like(x_RD),
+        jnp.zeros(w_gate.shape, f32),
+        jnp.zeros(w_up.shape, f32),
+        jnp.zeros(w_down.shape, f32),
+    )
+    dx, dwg, dwu, dwd = _block_loop(n_used, body, init)
+    return dx, None, None, dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype)
+
+
+grouped_swiglu.defvjp(_grouped_fwd, _grouped_bwd)
 
 
 def dispatch_capacity(x_ND, idx_Nk, w_Nk, w_gate_EDF, w_up_EDF, w_down_EFD, *, capacity: int):
