@@ -1,6 +1,8 @@
 """Small helpers shared by several modules."""
 
+import importlib.util
 import re
+from types import ModuleType
 
 from mlalm.errors import ConfigError
 
@@ -16,6 +18,16 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+
+
+def load_script(path: str, name: str) -> ModuleType:
+    """A script (``scripts/compare.py``, not a package module) loaded as module ``name``,
+    for a script or test that reuses its functions."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def round_up(n: int, m: int) -> int:

@@ -170,23 +170,27 @@ def grain_throughput(directory: str, seq_len: int, batch: int, seconds: float = 
     return {"seq_len": seq_len, "batch": batch, "tokens_per_s": rate, "vs_1M": rate / 1e6}
 
 
-def train_start(data_path: str | None, work: str, cache: str, name: str) -> dict:
-    """``python train.py`` (configs/default.yaml's model, compilation cache off) on
-    ``data_path`` (None: the built-in corpus): seconds from process start to the first
-    step's log line, the peak RSS of the process tree until then, and when each log line
-    before it appeared."""
+def train_start(
+    data_path: str | None, work: str, cache: str, name: str, *, compile_cache: bool = False, extra=()
+) -> dict:
+    """``python train.py`` (configs/default.yaml's model, compilation cache off unless
+    ``compile_cache``; it then lives in ``cache``/jax) on ``data_path`` (None: the built-in
+    corpus), with the overrides ``extra``: seconds from process start to the first step's
+    log line, the peak RSS of the process tree until then, and when each log line before it
+    appeared."""
     cmd = [
         sys.executable,
         os.path.join(ROOT, "train.py"),
         "train.steps=2",
         "train.log_every=1",
         "train.progress=false",
-        "train.compile_cache=false",
+        f"train.compile_cache={str(compile_cache).lower()}",
         "checkpoint.every=0",
         f"train.run_dir={os.path.join(work, 'runs')}",
         f"train.name={name}",
         "train.resume=never",
         f"data.cache_dir={cache}",
+        *extra,
     ] + ([f"data.path={data_path}"] if data_path else [])
     t0 = time.perf_counter()
     p = subprocess.Popen(

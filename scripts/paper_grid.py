@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -51,6 +50,8 @@ import platform
 import statistics
 import sys
 import time
+
+from mlalm.utils import load_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, "configs", "experiments", "paper_2509_24406")
@@ -114,16 +115,8 @@ CLAIM_TITLES = {
 }
 
 
-def load_compare():
-    """scripts/compare.py as a module (its protocol, run reader and tokens-to-target)."""
-    spec = importlib.util.spec_from_file_location("compare", os.path.join(ROOT, "scripts", "compare.py"))
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-compare = load_compare()
+# scripts/compare.py as a module (its protocol, run reader and tokens-to-target)
+compare = load_script(os.path.join(ROOT, "scripts", "compare.py"), "compare")
 
 
 # ---------------------------------------------------------------------------------------
