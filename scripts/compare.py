@@ -280,7 +280,8 @@ def write_outputs(rows, keys, out, target):
         f"tokens to reach {'target' if target else 'reference'} loss | tokens/s | KV bytes/token | "
         + "".join(f"{label} | " for _, label in extra)
         + "diverged |",
-        "|" + "---|" * (len(keys) + 8 + len(extra)),
+        # no grid keys: the rows still start with an empty key column
+        "|" + "---|" * (max(len(keys), 1) + 8 + len(extra)),
     ]
     # The reference cell reaches its own mean curve-end loss where its curves end (by
     # definition); every other cell: mean over its seeds of the interpolated tokens, when
@@ -320,7 +321,7 @@ def write_outputs(rows, keys, out, target):
             "Learning-rate sweep (first seed):",
             "",
             "| " + " | ".join(keys) + " | lr | final val loss | status |",
-            "|" + "---|" * (len(keys) + 3),
+            "|" + "---|" * (max(len(keys), 1) + 3),
         ]
         for r in rows:
             if r.get("swept"):

@@ -103,6 +103,7 @@ def test_sweep_keeps_best_lr_and_reports_divergence(tmp_path):
     assert int(by[("0", "1e-2")]["peak_memory_bytes"]) > 10_000_000
     md = open(out / "results.md").read()
     assert "| 1e30 | — | diverged |" in md
+    assert_tables_well_formed(md)
     assert (out / "loss_vs_tokens.png").stat().st_size > 1000
 
 
@@ -146,3 +147,20 @@ def test_eval_json_figures_become_columns(tmp_path):
         "valid perplexity (eval) | valid bits/byte | valid word perplexity | KV bytes/token measured |" in md
     )
     assert "| 4.2500 | 2.0625 | 123.5000 | 1536.0000 | 0 |" in md
+    assert_tables_well_formed(md)
+
+
+def assert_tables_well_formed(md: str) -> None:
+    """Each markdown table's header, separator and rows have the same number of columns
+    (a separator one short renders the table as text)."""
+    blocks, cur = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            blocks.append(cur)
+            cur = []
+    assert blocks
+    for b in blocks:
+        widths = {line.rstrip().count("|") for line in b}
+        assert len(widths) == 1, b
