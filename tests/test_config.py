@@ -1,6 +1,8 @@
 """mlalm.config: every ConfigError path, YAML + dotted overrides, describe_keys."""
 
 import dataclasses
+import glob
+import os
 import re
 import typing
 
@@ -22,6 +24,17 @@ from mlalm.config import (
     parse_overrides,
 )
 from mlalm.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHIPPED = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, ROOT))
+def test_shipped_configs_load(path):
+    """Every config in configs/ loads: no unknown key, wrong type or inconsistent value (each
+    raises ConfigError), and its base chain resolves."""
+    assert isinstance(load_config(path), Config)
+
 
 # A small, valid MoE config that the error cases below perturb one key at a time.
 MOE_OK = {"n_routed_experts": 8, "top_k": 2, "n_group": 4, "topk_group": 2}
