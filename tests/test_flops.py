@@ -86,6 +86,17 @@ def test_matmul_params_equal_active_params(case):
     assert parts["total"] - parts["attn_products"] == active
 
 
+@pytest.fixture(autouse=True)
+def ragged_dropless(monkeypatch):
+    """Dropless dispatch through jax.lax.ragged_dot, whatever the backend: it multiplies
+    exactly the routed rows, which a trace counts.  On CPU dropless runs the blocked path,
+    whose matmuls sit in a loop with a trip count set by the routing (padding included): a
+    trace cannot count it, and it is compared with ragged_dot in tests/test_model.py."""
+    from mlalm.model import moe
+
+    monkeypatch.setattr(moe, "dispatch_dropless", moe.dispatch_ragged)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_formula_equals_traced_forward_matmuls(case):
     """The forward pass's traced matmuls (dropless dispatch: only routed rows are multiplied)
