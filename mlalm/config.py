@@ -80,9 +80,7 @@ class MoEConfig:
     routed_scaling_factor: float = 1.0
     bias_update_rate: float = 1e-3  # gamma of aux-loss-free balancing; 0 disables
     seq_aux_loss_coef: float = 0.0  # alpha of the sequence-wise balance loss
-    # auto = dropless on every backend (mlalm.model.moe.resolve_dispatch); capacity drops
-    # the pairs past an expert's ceil(capacity_factor * N * k / E) slots
-    dispatch: Literal["auto", "dropless", "capacity"] = "auto"
+    dispatch: Literal["auto", "dropless", "capacity"] = "auto"  # auto: dropless on every backend
     capacity_factor: float = 1.25
 
 
